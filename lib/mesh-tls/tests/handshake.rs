@@ -113,6 +113,11 @@ fn certificates_from_another_ca_are_refused_both_ways() {
     let (c2, s2) = pair(&theirs);
     let err = handshake(&c, &s2, SERVER, TrustPolicy::new("cluster.local")).unwrap_err();
     assert!(err.starts_with("client") && untrusted(&err), "{err}");
+    // A client that trusts our root but holds a foreign certificate is refused by the server.
+    let c2 = WorkloadCert {
+        roots: ours.roots().to_vec(),
+        ..c2
+    };
     let err = handshake(&c2, &s, SERVER, TrustPolicy::new("cluster.local")).unwrap_err();
     assert!(err.starts_with("server") && untrusted(&err), "{err}");
 }
