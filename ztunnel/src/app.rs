@@ -1,0 +1,233 @@
+//! Wiring: bind every listener, start every task, and hand back a [`Bound`] app.
+//!
+//! Lifecycle: [`build`] loads the configuration, binds all ports (so tests can use port 0
+//! and read the real addresses), starts the servers and returns; readiness turns green
+//! once the configuration is loaded and every local workload has its certificate.
+//! [`Bound::wait_termination`] then waits for SIGTERM (or `/quitquitquit`) and drains.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use mesh_hbone::{H2Settings, Pool, client::PoolSettings};
+use mesh_rt::{
+    drain::{self, DrainOutcome, DrainTrigger, DrainWatcher},
+    logging::LogHandle,
+    readiness::Ready,
+};
+use mesh_tls::TrustPolicy;
+use prometheus_client::registry::Registry;
+use tokio::runtime::Handle;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::{
+    admin,
+    config::Config,
+    identity::{LocalCaProvider, SecretManager},
+    localconfig,
+    proxy::{self, ProxyInputs, metrics::Metrics},
+    state::StateStore,
+};
+
+/// The addresses actually bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    pub outbound: SocketAddr,
+    pub inbound_plaintext: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub stats: SocketAddr,
+    pub readiness: SocketAddr,
+    pub socks5: Option<SocketAddr>,
+}
+
+/// A running ztunnel.
+pub struct Bound {
+    pub addresses: Addresses,
+    pub proxy: Arc<ProxyInputs>,
+    pub ready: Ready,
+    drain: DrainTrigger,
+    shutdown_rx: tokio::sync::mpsc::Receiver<()>,
+    deadline: Duration,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound").field("addresses", &self.addresses).finish_non_exhaustive()
+    }
+}
+
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    proxy::bind(addr).with_context(|| format!("binding the {what} listener on {addr}"))
+}
+
+fn local_addr(l: &tokio::net::TcpListener) -> anyhow::Result<SocketAddr> {
+    Ok(l.local_addr()?)
+}
+
+/// Loads config, binds every port and starts serving. `admin_rt` runs the admin, metrics and
+/// readiness servers (a separate runtime in production, the same one in tests).
+pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> anyhow::Result<Bound> {
+    let cfg = Arc::new(cfg);
+    let ready = Ready::new();
+    let config_block = ready.register("config");
+    let certs_block = ready.register("certificates");
+
+    let state = StateStore::new(
+        localconfig::load(&cfg.local_xds_path).context("loading the initial configuration")?,
+    );
+    drop(config_block);
+
+    let provider = LocalCaProvider::load(&cfg.local_ca_dir, cfg.local_ca_cert_ttl)?;
+    let trust = TrustPolicy {
+        trust_domains: cfg.trust_domains.clone(),
+    };
+    let secrets = Arc::new(SecretManager::new(Arc::new(provider), trust));
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let registry = Arc::new(registry);
+
+    let h2 = H2Settings::default();
+    let pool = Pool::new(PoolSettings {
+        h2,
+        connect_timeout: cfg.connect_timeout,
+        ..Default::default()
+    });
+
+    let outbound = bind(cfg.outbound_addr, "outbound")?;
+    let inbound_plain = bind(cfg.inbound_plaintext_addr, "inbound plaintext")?;
+    let inbound = bind(cfg.inbound_addr, "HBONE inbound")?;
+    let admin_l = bind(cfg.admin_addr, "admin")?;
+    let stats_l = bind(cfg.stats_addr, "metrics")?;
+    let ready_l = bind(cfg.readiness_addr, "readiness")?;
+    let socks5 = cfg.socks5_addr.map(|a| bind(a, "SOCKS5")).transpose()?;
+    let addresses = Addresses {
+        outbound: local_addr(&outbound)?,
+        inbound_plaintext: local_addr(&inbound_plain)?,
+        inbound: local_addr(&inbound)?,
+        admin: local_addr(&admin_l)?,
+        stats: local_addr(&stats_l)?,
+        readiness: local_addr(&ready_l)?,
+        socks5: socks5.as_ref().map(local_addr).transpose()?,
+    };
+    info!(?addresses, "listeners bound");
+
+    let pi = Arc::new(ProxyInputs {
+        cfg: cfg.clone(),
+        state: state.clone(),
+        secrets: secrets.clone(),
+        pool: pool.clone(),
+        metrics,
+        h2,
+        authz_calls: Default::default(),
+    });
+    let (trigger, watcher) = drain::new();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::mpsc::channel(1);
+
+    tokio::spawn(proxy::outbound::serve(pi.clone(), outbound, watcher.clone()));
+    tokio::spawn(proxy::inbound::serve(pi.clone(), inbound, watcher.clone()));
+    tokio::spawn(proxy::inbound_plain::serve(pi.clone(), inbound_plain, watcher.clone()));
+    if let Some(l) = socks5 {
+        tokio::spawn(proxy::socks5::serve(pi.clone(), l, watcher.clone()));
+    }
+    pool.spawn_reaper(Duration::from_secs(30));
+    secrets.spawn_renewer(Duration::from_secs(10));
+
+    let admin_state = Arc::new(admin::AdminState {
+        cfg: cfg.clone(),
+        state: state.clone(),
+        log,
+        shutdown: shutdown_tx,
+        secrets: secrets.clone(),
+    });
+    // Admin endpoints end with the process, not with the drain: readiness must keep
+    // answering (not ready) while connections finish.
+    let (_admin_trigger, admin_watch) = drain::new();
+    std::mem::forget(_admin_trigger);
+    admin_rt.spawn(mesh_rt::http::serve(admin_l, admin::admin_handler(admin_state), admin_watch.clone()));
+    admin_rt.spawn(mesh_rt::http::serve(stats_l, admin::stats_handler(registry), admin_watch.clone()));
+    admin_rt.spawn(mesh_rt::http::serve(ready_l, admin::readiness_handler(ready.clone()), admin_watch));
+
+    tokio::spawn(
+        prefetch_certificates(pi.clone(), certs_block).instrument(info_span!("prefetch")),
+    );
+    tokio::spawn(watch_config(pi.clone(), watcher.clone()).instrument(info_span!("local_config")));
+
+    Ok(Bound {
+        addresses,
+        proxy: pi,
+        ready,
+        drain: trigger,
+        shutdown_rx,
+        deadline: cfg.drain_deadline,
+    })
+}
+
+/// Fetches the certificate of every local workload, then unblocks readiness.
+async fn prefetch_certificates(pi: Arc<ProxyInputs>, block: mesh_rt::readiness::BlockReady) {
+    let ids: Vec<_> = pi.state.read(|s| {
+        s.workloads()
+            .filter(|w| pi.is_local(w) && w.protocol == mesh_core::workload::TunnelProtocol::Hbone)
+            .filter_map(|w| w.identity().ok())
+            .collect()
+    });
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut failed = 0;
+        for id in &ids {
+            if let Err(e) = pi.secrets.get(id).await {
+                warn!(identity = %id, error = %e, "certificate fetch failed; retrying");
+                failed += 1;
+            }
+        }
+        if failed == 0 {
+            info!(count = ids.len(), "certificates ready");
+            drop(block);
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Reloads the local file when it changes; a bad file is logged and the old state kept.
+async fn watch_config(pi: Arc<ProxyInputs>, drain: DrainWatcher) {
+    let path = pi.cfg.local_xds_path.clone();
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = mtime(&path);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = drain.signaled() => return,
+        }
+        let now = mtime(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match localconfig::load(&path) {
+            Ok(s) => {
+                pi.state.replace(s);
+                info!(path = %path.display(), "configuration reloaded");
+            }
+            Err(e) => error!(error = %e, "configuration rejected; keeping the previous one"),
+        }
+    }
+}
+
+impl Bound {
+    /// A handle that triggers the same graceful shutdown as SIGTERM.
+    pub async fn wait_termination(mut self, signal: impl std::future::Future<Output = ()>) -> DrainOutcome {
+        tokio::select! {
+            () = signal => {}
+            _ = self.shutdown_rx.recv() => info!("shutdown requested via admin endpoint"),
+        }
+        info!(deadline = ?self.deadline, "draining: no new connections, waiting for open ones");
+        let outcome = self.drain.drain(self.deadline).await;
+        match outcome {
+            DrainOutcome::Complete => info!("drain complete"),
+            DrainOutcome::DeadlineExceeded => warn!("drain deadline passed; closing remaining connections"),
+        }
+        outcome
+    }
+}

@@ -1,0 +1,73 @@
+//! ztunnel's entry point: parse config, start, wait for SIGTERM, drain, exit.
+
+use clap::Parser;
+use ztunnel::{app, config::Args};
+
+fn main() -> std::process::ExitCode {
+    let cfg = match Args::parse().validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ztunnel: {e}");
+            return std::process::ExitCode::from(64);
+        }
+    };
+    let log = match mesh_rt::logging::init(&cfg.log_level, cfg.log_format == ztunnel::config::LogFormat::Json) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("ztunnel: {e}");
+            return std::process::ExitCode::from(64);
+        }
+    };
+    if let Ok(yaml) = serde_json::to_string(&cfg) {
+        tracing::info!(config = %yaml, "starting ztunnel");
+    }
+    // Admin, metrics and readiness run on their own single thread so a busy data plane
+    // never delays a readiness probe.
+    let admin_rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ztunnel: creating the admin runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let admin_handle = admin_rt.handle().clone();
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_thread = std::thread::Builder::new()
+        .name("ztunnel-admin".into())
+        .spawn(move || {
+            admin_rt.block_on(async {
+                let _ = admin_stopped.await;
+            })
+        });
+    let data_rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads)
+        .thread_name("ztunnel-proxy")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ztunnel: creating the data-plane runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = data_rt.block_on(async move {
+        match app::build(cfg, log, admin_handle).await {
+            Ok(bound) => {
+                bound.wait_termination(mesh_rt::signal::shutdown()).await;
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "ztunnel failed to start");
+                eprintln!("ztunnel: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    });
+    let _ = admin_stop.send(());
+    if let Ok(t) = admin_thread {
+        let _ = t.join();
+    }
+    data_rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}

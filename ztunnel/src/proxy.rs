@@ -1,0 +1,201 @@
+//! The data path: listeners, the per-connection flows, and what they share.
+//!
+//! ```text
+//!  app ──:15001 (outbound capture)──┐                         ┌──:15008 (HBONE)── peer ztunnel
+//!  app ──SOCKS5 (optional)──────────┼─ route ─ HBONE pool ────┤
+//!                                   └─ passthrough (plain) ───┘
+//!  peer ztunnel ──:15008──> authorize ──> app (local workload)
+//!  plaintext peer ──:15006 (inbound capture)──> authorize ──> app
+//! ```
+//!
+//! Every connection is authorized through [`authorize`] before a byte reaches the app, and is
+//! accounted by one [`metrics::ConnectionResult`].
+
+pub mod inbound;
+pub mod inbound_plain;
+pub mod metrics;
+pub mod outbound;
+pub mod route;
+pub mod socks5;
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use mesh_core::{
+    Identity,
+    policy::{self, Connection, Decision},
+    workload::Workload,
+};
+use mesh_hbone::{H2Settings, Pool};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::{config::Config, identity::SecretManager, state::StateStore};
+
+/// Everything a listener needs, shared by all of them.
+pub struct ProxyInputs {
+    pub cfg: Arc<Config>,
+    pub state: StateStore,
+    pub secrets: Arc<SecretManager>,
+    pub pool: Pool,
+    pub metrics: Arc<metrics::Metrics>,
+    pub h2: H2Settings,
+    /// Counts authorization calls: tests assert every connection went through the engine.
+    pub authz_calls: AtomicU64,
+}
+
+impl std::fmt::Debug for ProxyInputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyInputs").finish_non_exhaustive()
+    }
+}
+
+impl ProxyInputs {
+    /// Is `w` served by this ztunnel? With NODE_NAME set, only workloads on that node.
+    pub fn is_local(&self, w: &Workload) -> bool {
+        match &self.cfg.node_name {
+            Some(n) => &w.node == n,
+            None => true,
+        }
+    }
+
+    /// The local workload owning `ip`, if any.
+    pub fn local_workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        let ip = canonical_ip(ip);
+        self.state
+            .read(|s| s.workload_by_ip("", ip))
+            .filter(|w| self.is_local(w))
+    }
+
+    /// The single call into the policy engine for a connection to local workload `dst_w`.
+    pub fn authorize(
+        &self,
+        dst_w: &Workload,
+        src: SocketAddr,
+        dst: SocketAddr,
+        src_identity: Option<Identity>,
+    ) -> Decision {
+        self.authz_calls.fetch_add(1, Ordering::Relaxed);
+        let policies = self.state.read(|s| s.policies_for(dst_w));
+        let conn = Connection {
+            src: SocketAddr::new(canonical_ip(src.ip()), src.port()),
+            dst: SocketAddr::new(canonical_ip(dst.ip()), dst.port()),
+            src_identity,
+        };
+        let d = policy::evaluate(policies.iter().map(|p| p.as_ref()), &conn);
+        tracing::debug!(%conn, allowed = d.allowed, policy = ?d.policy, reason = d.reason, "authorization decision");
+        d
+    }
+}
+
+/// Errors of one proxied connection. Each is logged once and closes only that connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no original destination: {0} (is the connection really redirected by iptables?)")]
+    OriginalDst(io::Error),
+    #[error("source {0} is not a workload served by this ztunnel")]
+    UnknownSource(IpAddr),
+    #[error("destination {0} is not a workload served by this ztunnel")]
+    UnknownDestination(SocketAddr),
+    #[error("connection to {0} would loop back into ztunnel")]
+    Loop(SocketAddr),
+    #[error(transparent)]
+    Route(#[from] route::RouteError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("HBONE: {0}")]
+    Hbone(#[from] mesh_hbone::Error),
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("TLS handshake from {peer}: {source}")]
+    Handshake { peer: SocketAddr, source: io::Error },
+}
+
+/// IPv4-mapped IPv6 (from dual-stack listeners) back to IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Binds a listener; an IPv6 wildcard falls back to IPv4 where IPv6 is unavailable.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let try_bind = |a: SocketAddr| -> io::Result<TcpListener> {
+        let s = if a.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        s.set_reuseaddr(true)?;
+        s.bind(a)?;
+        s.listen(1024)
+    };
+    match try_bind(addr) {
+        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+            tracing::debug!(error = %e, %addr, "IPv6 wildcard unavailable, binding IPv4");
+            try_bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()))
+        }
+        r => r,
+    }
+}
+
+/// The original destination of a redirected connection (`SO_ORIGINAL_DST`).
+pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(s);
+    let local = s.local_addr()?;
+    let addr = if local.is_ipv4() || canonical_ip(local.ip()).is_ipv4() {
+        sock.original_dst_v4()
+            .or_else(|_| sock.original_dst_v6())?
+    } else {
+        sock.original_dst_v6()?
+    };
+    let addr = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("original destination is not an IP address"))?;
+    Ok(SocketAddr::new(canonical_ip(addr.ip()), addr.port()))
+}
+
+/// Opens a TCP connection with ztunnel's mark, optionally from a foreign source IP
+/// (IP_TRANSPARENT) so the app sees the real client address.
+pub async fn connect(
+    dst: SocketAddr,
+    mark: Option<u32>,
+    transparent_src: Option<IpAddr>,
+) -> io::Result<TcpStream> {
+    let domain = if dst.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    if let Some(m) = mark {
+        s.set_mark(m)?;
+    }
+    if let Some(src) = transparent_src {
+        let src = canonical_ip(src);
+        if src.is_ipv4() == dst.is_ipv4() {
+            if dst.is_ipv4() {
+                s.set_ip_transparent_v4(true)?;
+            } else {
+                s.set_ip_transparent_v6(true)?;
+            }
+            s.bind(&SocketAddr::new(src, 0).into())?;
+        }
+    }
+    let std: std::net::TcpStream = s.into();
+    let stream = TcpSocket::from_std_stream(std).connect(dst).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

@@ -1,0 +1,183 @@
+//! Inbound HBONE (:15008): terminate mTLS as the destination workload, then for every CONNECT
+//! stream check the destination, authorize, and connect to the app.
+//!
+//! The certificate presented is the one of the workload owning the address the connection
+//! arrived on, and a stream may only target that same workload: a client that verified
+//! identity A can never be relayed to workload B.
+//!
+//! Status codes: 400 destination is not the authenticated local workload, 401 denied by
+//! policy, 503 the app refused or is unreachable.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use http::StatusCode;
+use mesh_hbone::Incoming;
+use mesh_rt::drain::DrainWatcher;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{
+    Error, ProxyInputs,
+    metrics::{ConnInfo, ConnectionResult, Direction, Outcome},
+};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the HBONE listener until the drain starts.
+pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatcher) {
+    info!(address = ?listener.local_addr().ok(), component = "inbound", "listener established");
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => { debug!(error = %e, "accept failed"); continue; }
+            },
+            () = drain.signaled() => break,
+        };
+        let pi = pi.clone();
+        let drain = drain.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = connection(pi, tcp, peer, drain).await {
+                    warn!(error = %e, "inbound connection failed");
+                }
+            }
+            .instrument(info_span!("inbound", peer = %peer)),
+        );
+    }
+}
+
+async fn connection(
+    pi: Arc<ProxyInputs>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    drain: DrainWatcher,
+) -> Result<(), Error> {
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr()?;
+    let local = SocketAddr::new(super::canonical_ip(local.ip()), local.port());
+    // In dedicated mode one listener serves several workloads: the address the client
+    // dialled says whose certificate to present.
+    let dst_w = pi
+        .local_workload(local.ip())
+        .ok_or(Error::UnknownDestination(local))?;
+    let dst_id = dst_w
+        .identity()
+        .map_err(|e| Error::Route(super::route::RouteError::BadIdentity {
+            uid: dst_w.uid.clone(),
+            reason: e.to_string(),
+        }))?;
+    let cfg = pi.secrets.server_config(&dst_id).await?;
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(source)) => return Err(Error::Handshake { peer, source }),
+        Err(_) => {
+            return Err(Error::Handshake {
+                peer,
+                source: std::io::ErrorKind::TimedOut.into(),
+            });
+        }
+    };
+    let src_id = mesh_tls::verify::peer_identity(tls.get_ref().1.peer_certificates(), pi.secrets.trust());
+    debug!(client = ?src_id, workload = %dst_w.uid, "hbone connection established");
+    let handler_pi = pi.clone();
+    let handler_drain = drain.clone();
+    let h2 = pi.h2;
+    mesh_hbone::serve_connection(
+        tls,
+        &h2,
+        move |inc: Incoming| {
+            let pi = handler_pi.clone();
+            let dst_w = dst_w.clone();
+            let src_id = src_id.clone();
+            let hold = handler_drain.clone();
+            async move {
+                let _hold = hold;
+                stream(&pi, inc, peer, &dst_w, src_id).await;
+            }
+        },
+        drain.signaled(),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn stream(
+    pi: &ProxyInputs,
+    inc: Incoming,
+    peer: SocketAddr,
+    dst_w: &Arc<mesh_core::workload::Workload>,
+    src_id: Option<mesh_core::Identity>,
+) {
+    let dst = inc.dst;
+    let src_w = pi.state.read(|s| s.workload_by_ip("", super::canonical_ip(peer.ip())));
+    let result = ConnectionResult::new(
+        pi.metrics.clone(),
+        Direction::Inbound,
+        ConnInfo {
+            src_addr: Some(peer),
+            src_workload: src_w,
+            src_identity: src_id.clone(),
+            dst_addr: Some(dst),
+            dst_workload: Some(dst_w.clone()),
+            dst_identity: dst_w.identity().ok(),
+            mtls: true,
+            ..Default::default()
+        },
+    );
+    if !dst_w.workload_ips.contains(&super::canonical_ip(dst.ip())) {
+        inc.reject(StatusCode::BAD_REQUEST);
+        result.finish(0, 0, Outcome::Error(format!(
+            "CONNECT to {dst}, which is not workload {} this connection was authenticated for",
+            dst_w.uid
+        )));
+        return;
+    }
+    if let Some(svc) = pi.state.read(|s| s.services_of(dst_w)).into_iter().next() {
+        result.update(|i| i.dst_service = Some(svc));
+    }
+    let decision = pi.authorize(dst_w, peer, dst, src_id);
+    if !decision.allowed {
+        inc.reject(StatusCode::UNAUTHORIZED);
+        result.finish(0, 0, Outcome::Denied {
+            policy: decision.policy,
+            reason: decision.reason.to_owned(),
+        });
+        return;
+    }
+    let transparent = pi.cfg.preserve_source_ip.then_some(peer.ip());
+    let app = match tokio::time::timeout(
+        pi.cfg.connect_timeout,
+        super::connect(dst, pi.cfg.packet_mark, transparent),
+    )
+    .await
+    {
+        Ok(Ok(a)) => a,
+        Ok(Err(source)) => {
+            inc.reject(StatusCode::SERVICE_UNAVAILABLE);
+            result.finish(0, 0, Outcome::Error(Error::Connect { addr: dst, source }.to_string()));
+            return;
+        }
+        Err(_) => {
+            inc.reject(StatusCode::SERVICE_UNAVAILABLE);
+            result.finish(0, 0, Outcome::Error(format!("connecting to {dst}: timed out")));
+            return;
+        }
+    };
+    let (send, recv) = match inc.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            result.finish(0, 0, Outcome::Error(e.to_string()));
+            return;
+        }
+    };
+    result.opened();
+    let (stats, res) = mesh_hbone::relay(&app, send, recv).await;
+    // From the client's view: received = what it sent us (tunnel → app).
+    let outcome = match res {
+        Ok(()) => Outcome::Ok,
+        Err(e) => Outcome::Error(e.to_string()),
+    };
+    result.finish(stats.tunnel_to_tcp, stats.tcp_to_tunnel, outcome);
+}

@@ -1,0 +1,191 @@
+//! Outbound: a local workload's connection, captured on :15001 (or given by SOCKS5), sent
+//! to its destination through HBONE, or passed through in plaintext outside the mesh.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use mesh_core::workload::Workload;
+use mesh_hbone::{PoolKey, header};
+use mesh_rt::drain::DrainWatcher;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument, debug, info, info_span};
+
+use super::{
+    Error, ProxyInputs,
+    metrics::{ConnInfo, ConnectionResult, Direction, Outcome},
+    route::{self, Route},
+};
+
+/// Serves the outbound capture listener until the drain starts.
+pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatcher) {
+    let own = listener.local_addr().ok();
+    info!(address = ?own, component = "outbound", "listener established");
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => { debug!(error = %e, "accept failed"); continue; }
+            },
+            () = drain.signaled() => break,
+        };
+        let pi = pi.clone();
+        let hold = drain.clone();
+        tokio::spawn(
+            async move {
+                let _hold = hold;
+                let _ = tcp.set_nodelay(true);
+                let dst = match super::original_dst(&tcp) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let r = ConnectionResult::new(pi.metrics.clone(), Direction::Outbound, ConnInfo { src_addr: Some(peer), ..Default::default() });
+                        r.finish(0, 0, Outcome::Error(Error::OriginalDst(e).to_string()));
+                        return;
+                    }
+                };
+                if own.is_some_and(|o| o.port() == dst.port() && (o.ip().is_unspecified() || o.ip() == dst.ip()))
+                    && pi.local_workload(dst.ip()).is_none()
+                {
+                    let r = ConnectionResult::new(pi.metrics.clone(), Direction::Outbound, ConnInfo { src_addr: Some(peer), dst_addr: Some(dst), ..Default::default() });
+                    r.finish(0, 0, Outcome::Error(Error::Loop(dst).to_string()));
+                    return;
+                }
+                proxy(&pi, tcp, peer, dst).await;
+            }
+            .instrument(info_span!("outbound", src = %peer)),
+        );
+    }
+}
+
+/// Proxies one outbound connection from `src` (a local workload) to `dst`.
+pub async fn proxy(pi: &ProxyInputs, tcp: TcpStream, src: SocketAddr, dst: SocketAddr) {
+    let result = ConnectionResult::new(
+        pi.metrics.clone(),
+        Direction::Outbound,
+        ConnInfo {
+            src_addr: Some(src),
+            dst_addr: Some(dst),
+            ..Default::default()
+        },
+    );
+    let (rx, tx, outcome) = match run(pi, tcp, src, dst, &result).await {
+        Ok((rx, tx)) => (rx, tx, Outcome::Ok),
+        Err((rx, tx, e)) => (rx, tx, Outcome::Error(e.to_string())),
+    };
+    result.finish(rx, tx, outcome);
+}
+
+type Failure = (u64, u64, Error);
+
+async fn run(
+    pi: &ProxyInputs,
+    mut tcp: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+    result: &ConnectionResult,
+) -> Result<(u64, u64), Failure> {
+    let fail = |e: Error| (0, 0, e);
+    let src_w = pi
+        .local_workload(src.ip())
+        .ok_or_else(|| fail(Error::UnknownSource(src.ip())))?;
+    let src_id = src_w.identity().map_err(|e| {
+        fail(Error::Route(route::RouteError::BadIdentity {
+            uid: src_w.uid.clone(),
+            reason: e.to_string(),
+        }))
+    })?;
+    result.update(|i| {
+        i.src_workload = Some(src_w.clone());
+        i.src_identity = Some(src_id.clone());
+    });
+    let decided = pi.state.read(|s| {
+        route::route(s, &src_w, dst, &mut |n| rand::random_range(0..n.max(1)))
+    });
+    match decided.map_err(|e| fail(e.into()))? {
+        Route::Passthrough {
+            dst,
+            workload,
+            service,
+        } => {
+            result.update(|i| {
+                i.dst_workload = workload;
+                i.dst_service = service;
+            });
+            let mut up = super::connect(dst, pi.cfg.packet_mark, None)
+                .await
+                .map_err(|source| fail(Error::Connect { addr: dst, source }))?;
+            result.opened();
+            match tokio::io::copy_bidirectional(&mut tcp, &mut up).await {
+                Ok((rx, tx)) => Ok((rx, tx)),
+                Err(e) => Err((0, 0, e.into())),
+            }
+        }
+        Route::Hbone {
+            tunnel,
+            authority,
+            identity,
+            workload,
+            service,
+            via_waypoint,
+        } => {
+            result.update(|i| {
+                i.dst_hbone_addr = Some(tunnel);
+                i.dst_workload = Some(workload.clone());
+                i.dst_service = service;
+                i.dst_identity = Some(identity.clone());
+                i.mtls = true;
+            });
+            let cert = pi.secrets.get(&src_id).await.map_err(|e| fail(e.into()))?;
+            let headers = header::ConnectHeaders {
+                traceparent: Some(header::new_traceparent()),
+                baggage: baggage(&src_w),
+                forwarded_for: via_waypoint.then_some(super::canonical_ip(src.ip())),
+            };
+            let req = header::connect_request(authority, &headers)
+                .map_err(|e| fail(Error::Io(std::io::Error::other(e))))?;
+            let key = PoolKey {
+                src: src_id,
+                dst_identity: identity.clone(),
+                dst: tunnel,
+                scope: 0,
+            };
+            let mark = pi.cfg.packet_mark;
+            let connector: Arc<mesh_hbone::client::ConnectFn> = Arc::new(move |addr| {
+                Box::pin(super::connect(addr, mark, None))
+            });
+            let t = pi
+                .pool
+                .connect(
+                    key,
+                    || mesh_tls::client_config(&cert, vec![identity]),
+                    connector.as_ref(),
+                    req,
+                )
+                .await
+                .map_err(|e| fail(e.into()))?;
+            result.opened();
+            let (send, recv, _keep) = t.into_parts();
+            let (stats, res) = mesh_hbone::relay(&tcp, send, recv).await;
+            match res {
+                Ok(()) => Ok((stats.tcp_to_tunnel, stats.tunnel_to_tcp)),
+                Err(e) => Err((stats.tcp_to_tunnel, stats.tunnel_to_tcp, e.into())),
+            }
+        }
+    }
+}
+
+/// W3C baggage describing the source workload, as Istio's ztunnel sends it.
+fn baggage(w: &Workload) -> Option<http::HeaderValue> {
+    let kind = if w.workload_type.is_empty() {
+        "deployment"
+    } else {
+        &w.workload_type
+    };
+    let mut parts = Vec::new();
+    if !w.cluster_id.is_empty() {
+        parts.push(format!("k8s.cluster.name={}", w.cluster_id));
+    }
+    parts.push(format!("k8s.namespace.name={}", w.namespace));
+    parts.push(format!("k8s.{}.name={}", kind.to_lowercase(), w.workload_name()));
+    parts.push(format!("service.name={}", w.canonical_service()));
+    parts.push(format!("service.version={}", w.canonical_revision()));
+    http::HeaderValue::try_from(parts.join(",")).ok()
+}

@@ -1,0 +1,254 @@
+//! The indexed snapshot of the mesh that the data path reads: workloads, services, policies.
+//!
+//! Writers (the local file loader today, the xDS client later) replace or patch it; readers
+//! take a short read lock and clone `Arc`s out. Indexes are kept consistent on every write:
+//! workloads by `(network, ip)` and uid, services by `(network, vip)` and `ns/hostname`,
+//! and each service's endpoints (derived from the workloads' `services` maps).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
+
+use mesh_core::{
+    policy::{Authorization, Scope},
+    workload::{NamespacedHostname, PortMap, Service, Workload},
+};
+use serde::Serialize;
+
+/// One endpoint of a service: a workload and its port map for that service.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub ports: PortMap,
+}
+
+/// Everything the proxy knows, with lookup indexes.
+#[derive(Debug, Default)]
+pub struct State {
+    workloads: HashMap<String, Arc<Workload>>,
+    by_ip: HashMap<(String, IpAddr), Arc<Workload>>,
+    services: HashMap<NamespacedHostname, Arc<Service>>,
+    by_vip: HashMap<(String, IpAddr), Arc<Service>>,
+    endpoints: HashMap<NamespacedHostname, Vec<Endpoint>>,
+    policies: BTreeMap<String, Arc<Authorization>>,
+}
+
+impl State {
+    /// Builds a state from complete lists (a local file, or an xDS state-of-the-world).
+    pub fn from_parts(
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        policies: Vec<Authorization>,
+    ) -> Self {
+        let mut s = State::default();
+        for w in workloads {
+            s.workloads.insert(w.uid.clone(), Arc::new(w));
+        }
+        for svc in services {
+            s.services.insert(svc.key(), Arc::new(svc));
+        }
+        for p in policies {
+            s.policies.insert(p.key(), Arc::new(p));
+        }
+        s.reindex();
+        s
+    }
+
+    fn reindex(&mut self) {
+        self.by_ip.clear();
+        self.by_vip.clear();
+        self.endpoints.clear();
+        for w in self.workloads.values() {
+            for ip in &w.workload_ips {
+                self.by_ip.insert((w.network.clone(), *ip), w.clone());
+            }
+            for (svc, ports) in &w.services {
+                if let Ok(key) = svc.parse::<NamespacedHostname>() {
+                    self.endpoints.entry(key).or_default().push(Endpoint {
+                        workload: w.clone(),
+                        ports: ports.clone(),
+                    });
+                }
+            }
+        }
+        for eps in self.endpoints.values_mut() {
+            eps.sort_by(|a, b| a.workload.uid.cmp(&b.workload.uid));
+        }
+        for svc in self.services.values() {
+            for vip in &svc.vips {
+                self.by_vip
+                    .insert((vip.network.clone(), vip.address), svc.clone());
+            }
+        }
+    }
+
+    pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.by_ip.get(&(network.to_owned(), ip)).cloned()
+    }
+
+    pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
+        self.workloads.get(uid).cloned()
+    }
+
+    pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<Arc<Service>> {
+        self.by_vip.get(&(network.to_owned(), ip)).cloned()
+    }
+
+    pub fn service_by_host(&self, key: &NamespacedHostname) -> Option<Arc<Service>> {
+        self.services.get(key).cloned()
+    }
+
+    /// Endpoints of a service, in a stable order.
+    pub fn endpoints(&self, key: &NamespacedHostname) -> &[Endpoint] {
+        self.endpoints.get(key).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The services a workload backs, resolved.
+    pub fn services_of(&self, w: &Workload) -> Vec<Arc<Service>> {
+        w.services
+            .keys()
+            .filter_map(|k| k.parse().ok())
+            .filter_map(|k| self.services.get(&k).cloned())
+            .collect()
+    }
+
+    /// The L4 policies that apply to `w`, as ztunnel selects them: every global policy, the
+    /// namespace-wide policies of `w`'s namespace, and the selector policies `w` lists.
+    pub fn policies_for(&self, w: &Workload) -> Vec<Arc<Authorization>> {
+        let mut out: Vec<Arc<Authorization>> = self
+            .policies
+            .values()
+            .filter(|p| match p.scope {
+                Scope::Global => true,
+                Scope::Namespace => p.namespace == w.namespace,
+                Scope::WorkloadSelector => false,
+            })
+            .cloned()
+            .collect();
+        for key in &w.authorization_policies {
+            if let Some(p) = self.policies.get(key)
+                && p.scope == Scope::WorkloadSelector
+            {
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn dump(&self) -> StateDump<'_> {
+        let mut workloads: Vec<&Workload> = self.workloads.values().map(|w| w.as_ref()).collect();
+        workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        let mut services: Vec<&Service> = self.services.values().map(|s| s.as_ref()).collect();
+        services.sort_by_key(|s| s.key());
+        StateDump {
+            workloads,
+            services,
+            policies: self.policies.values().map(|p| p.as_ref()).collect(),
+        }
+    }
+}
+
+/// The config-dump view of the state.
+#[derive(Debug, Serialize)]
+pub struct StateDump<'a> {
+    pub workloads: Vec<&'a Workload>,
+    pub services: Vec<&'a Service>,
+    pub policies: Vec<&'a Authorization>,
+}
+
+/// The shared, swappable state.
+#[derive(Debug, Clone, Default)]
+pub struct StateStore {
+    inner: Arc<RwLock<State>>,
+}
+
+impl StateStore {
+    pub fn new(state: State) -> Self {
+        StateStore {
+            inner: Arc::new(RwLock::new(state)),
+        }
+    }
+
+    /// Runs `f` with a read view.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        f(&g)
+    }
+
+    /// Replaces everything at once.
+    pub fn replace(&self, state: State) {
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        *g = state;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::policy::Action;
+
+    fn wl(uid: &str, ns: &str, ip: &str, svcs: &[(&str, u16, u16)]) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: ns.into(),
+            workload_ips: vec![ip.parse().unwrap()],
+            services: svcs
+                .iter()
+                .map(|(k, p, t)| (k.to_string(), PortMap::from([(*p, *t)])))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn pol(name: &str, ns: &str, scope: Scope) -> Authorization {
+        Authorization {
+            name: name.into(),
+            namespace: ns.into(),
+            scope,
+            action: Action::Allow,
+            rules: vec![],
+            dry_run: false,
+        }
+    }
+
+    #[test]
+    fn indexes_and_policy_selection() {
+        let mut w = wl("a", "foo", "10.0.0.1", &[("foo/svc.foo.svc.cluster.local", 80, 8080)]);
+        w.authorization_policies = vec!["foo/selected".into()];
+        let w2 = wl("b", "bar", "10.0.0.2", &[]);
+        let svc = Service {
+            name: "svc".into(),
+            namespace: "foo".into(),
+            hostname: "svc.foo.svc.cluster.local".into(),
+            vips: vec!["/10.96.0.1".parse().unwrap()],
+            ports: BTreeMap::from([(80, 8080)]),
+            waypoint: None,
+        };
+        let s = State::from_parts(
+            vec![w, w2],
+            vec![svc],
+            vec![
+                pol("global", "istio-system", Scope::Global),
+                pol("ns", "foo", Scope::Namespace),
+                pol("other-ns", "bar", Scope::Namespace),
+                pol("selected", "foo", Scope::WorkloadSelector),
+                pol("unselected", "foo", Scope::WorkloadSelector),
+            ],
+        );
+        let a = s.workload_by_ip("", "10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(a.uid, "a");
+        assert!(s.workload_by_ip("other-net", "10.0.0.1".parse().unwrap()).is_none());
+        let svc = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
+        assert_eq!(s.endpoints(&svc.key()).len(), 1);
+        let mut keys: Vec<String> = s.policies_for(&a).iter().map(|p| p.key()).collect();
+        keys.sort();
+        assert_eq!(keys, vec!["foo/ns", "foo/selected", "istio-system/global"]);
+    }
+}
