@@ -166,12 +166,35 @@ pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
     Ok(SocketAddr::new(canonical_ip(addr.ip()), addr.port()))
 }
 
-/// Opens a TCP connection with ztunnel's mark, optionally from a foreign source IP
-/// (IP_TRANSPARENT) so the app sees the real client address.
-pub async fn connect(
+/// Which source address a connection ztunnel opens should carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Whatever the kernel picks.
+    Any,
+    /// This address if it is local to the netns (the source workload's own IP in
+    /// dedicated mode), else whatever the kernel picks.
+    PreferLocal(IpAddr),
+    /// This address even though it is foreign (IP_TRANSPARENT): the app sees the client.
+    Transparent(IpAddr),
+}
+
+/// Opens a TCP connection with ztunnel's mark and the requested source address.
+pub async fn connect(dst: SocketAddr, mark: Option<u32>, source: Source) -> io::Result<TcpStream> {
+    match source {
+        Source::PreferLocal(ip) => match connect_from(dst, mark, Some(ip), false).await {
+            Err(e) if e.raw_os_error() == Some(99) => connect_from(dst, mark, None, false).await,
+            r => r,
+        },
+        Source::Transparent(ip) => connect_from(dst, mark, Some(ip), true).await,
+        Source::Any => connect_from(dst, mark, None, false).await,
+    }
+}
+
+async fn connect_from(
     dst: SocketAddr,
     mark: Option<u32>,
-    transparent_src: Option<IpAddr>,
+    src: Option<IpAddr>,
+    transparent: bool,
 ) -> io::Result<TcpStream> {
     let domain = if dst.is_ipv4() {
         socket2::Domain::IPV4
@@ -183,16 +206,17 @@ pub async fn connect(
     if let Some(m) = mark {
         s.set_mark(m)?;
     }
-    if let Some(src) = transparent_src {
-        let src = canonical_ip(src);
-        if src.is_ipv4() == dst.is_ipv4() {
+    if let Some(src) = src.map(canonical_ip)
+        && src.is_ipv4() == dst.is_ipv4()
+    {
+        if transparent {
             if dst.is_ipv4() {
                 s.set_ip_transparent_v4(true)?;
             } else {
                 s.set_ip_transparent_v6(true)?;
             }
-            s.bind(&SocketAddr::new(src, 0).into())?;
         }
+        s.bind(&SocketAddr::new(src, 0).into())?;
     }
     let std: std::net::TcpStream = s.into();
     let stream = TcpSocket::from_std_stream(std).connect(dst).await?;

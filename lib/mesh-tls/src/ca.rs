@@ -50,10 +50,51 @@ impl std::fmt::Debug for LocalCa {
     }
 }
 
+/// A CA in Istio's `cacerts` Secret layout, as PEM strings.
+#[derive(Debug, Clone)]
+pub struct CaPem {
+    /// `ca-key.pem`: the issuing key (PKCS#8).
+    pub ca_key: String,
+    /// `ca-cert.pem`: the issuing certificate.
+    pub ca_cert: String,
+    /// `cert-chain.pem`: the issuing certificate up to the root.
+    pub cert_chain: String,
+    /// `root-cert.pem`: the trust bundle.
+    pub root_cert: String,
+}
+
+impl CaPem {
+    /// The four files by their Istio names.
+    pub fn files(&self) -> [(&'static str, &str); 4] {
+        [
+            ("ca-key.pem", &self.ca_key),
+            ("ca-cert.pem", &self.ca_cert),
+            ("cert-chain.pem", &self.cert_chain),
+            ("root-cert.pem", &self.root_cert),
+        ]
+    }
+}
+
 impl LocalCa {
-    /// Generates a self-signed root for `trust_domain`, valid for ten years.
-    pub fn generate(trust_domain: &str) -> Result<Self, CertError> {
+    /// Generates a self-signed root for `trust_domain` (valid ten years) in `cacerts` layout.
+    pub fn generate_pem(trust_domain: &str) -> Result<CaPem, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let params = Self::root_params(trust_domain);
+        let cert = params.self_signed(&key).map_err(gen_err)?;
+        Ok(CaPem {
+            ca_key: key.serialize_pem(),
+            ca_cert: cert.pem(),
+            cert_chain: cert.pem(),
+            root_cert: cert.pem(),
+        })
+    }
+
+    /// Loads a CA from its `cacerts` PEM files.
+    pub fn from_ca_pem(p: &CaPem) -> Result<Self, CertError> {
+        Self::from_pem(&p.ca_key, &p.ca_cert, &p.cert_chain, &p.root_cert)
+    }
+
+    fn root_params(trust_domain: &str) -> CertificateParams {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, trust_domain);
@@ -67,6 +108,13 @@ impl LocalCa {
         let now = SystemTime::now();
         params.not_before = to_offset(now - BACKDATE);
         params.not_after = to_offset(now + Duration::from_secs(10 * 365 * 24 * 3600));
+        params
+    }
+
+    /// Generates a self-signed root for `trust_domain`, valid for ten years.
+    pub fn generate(trust_domain: &str) -> Result<Self, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let params = Self::root_params(trust_domain);
         let cert = params.self_signed(&key).map_err(gen_err)?;
         let der = cert.der().clone();
         Ok(LocalCa {
@@ -250,6 +298,18 @@ mod tests {
         assert_eq!(chain.len(), 2, "leaf + root");
         let cert = WorkloadCert::from_pem(&req.key_pem, &chain.join(""), &chain[1]).unwrap();
         assert_eq!(cert.identity, allowed);
+    }
+
+    #[test]
+    fn cacerts_layout_round_trips() {
+        let pem = LocalCa::generate_pem("cluster.local").unwrap();
+        let ca = LocalCa::from_ca_pem(&pem).unwrap();
+        assert_eq!(ca.roots().len(), 1);
+        let c = ca
+            .issue(&id("spiffe://cluster.local/ns/a/sa/b"), Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(c.chain.len(), 1, "a root-issued leaf is served alone");
+        assert_eq!(pem.files().len(), 4);
     }
 
     #[test]

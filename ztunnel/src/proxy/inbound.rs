@@ -146,10 +146,14 @@ async fn stream(
         });
         return;
     }
-    let transparent = pi.cfg.preserve_source_ip.then_some(peer.ip());
+    let source = if pi.cfg.preserve_source_ip {
+        super::Source::Transparent(peer.ip())
+    } else {
+        super::Source::Any
+    };
     let app = match tokio::time::timeout(
         pi.cfg.connect_timeout,
-        super::connect(dst, pi.cfg.packet_mark, transparent),
+        super::connect(dst, pi.cfg.packet_mark, source),
     )
     .await
     {

@@ -66,8 +66,12 @@ async fn proxy(pi: &ProxyInputs, mut tcp: TcpStream, peer: SocketAddr) {
             reason: decision.reason.to_owned(),
         });
     }
-    let transparent = pi.cfg.preserve_source_ip.then_some(peer.ip());
-    let mut app = match super::connect(dst, pi.cfg.packet_mark, transparent).await {
+    let source = if pi.cfg.preserve_source_ip {
+        super::Source::Transparent(peer.ip())
+    } else {
+        super::Source::Any
+    };
+    let mut app = match super::connect(dst, pi.cfg.packet_mark, source).await {
         Ok(a) => a,
         Err(source) => {
             return result.finish(0, 0, Outcome::Error(Error::Connect { addr: dst, source }.to_string()));

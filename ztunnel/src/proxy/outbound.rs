@@ -109,7 +109,7 @@ async fn run(
                 i.dst_workload = workload;
                 i.dst_service = service;
             });
-            let mut up = super::connect(dst, pi.cfg.packet_mark, None)
+            let mut up = super::connect(dst, pi.cfg.packet_mark, super::Source::Any)
                 .await
                 .map_err(|source| fail(Error::Connect { addr: dst, source }))?;
             result.opened();
@@ -141,15 +141,18 @@ async fn run(
             };
             let req = header::connect_request(authority, &headers)
                 .map_err(|e| fail(Error::Io(std::io::Error::other(e))))?;
+            // Tunnels leave from the source workload's own address where it is local, so
+            // the peer sees (and source-IP policy matches) the real client.
+            let src_ip = super::canonical_ip(src.ip());
             let key = PoolKey {
                 src: src_id,
                 dst_identity: identity.clone(),
                 dst: tunnel,
-                scope: 0,
+                scope: scope_of(src_ip),
             };
             let mark = pi.cfg.packet_mark;
             let connector: Arc<mesh_hbone::client::ConnectFn> = Arc::new(move |addr| {
-                Box::pin(super::connect(addr, mark, None))
+                Box::pin(super::connect(addr, mark, super::Source::PreferLocal(src_ip)))
             });
             let t = pi
                 .pool
@@ -170,6 +173,14 @@ async fn run(
             }
         }
     }
+}
+
+/// Pool scope for connections leaving from `ip`.
+fn scope_of(ip: std::net::IpAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ip.hash(&mut h);
+    h.finish()
 }
 
 /// W3C baggage describing the source workload, as Istio's ztunnel sends it.
