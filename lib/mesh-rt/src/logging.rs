@@ -50,7 +50,8 @@ pub fn init(filter: &str, json: bool) -> Result<Option<LogHandle>, LogFilterErro
         reason: e.to_string(),
     })?;
     let (layer, handle) = reload::Layer::new(f);
-    let fmt = tracing_subscriber::fmt::layer().with_target(true);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let fmt = tracing_subscriber::fmt::layer().with_target(true).with_ansi(ansi);
     let res = if json {
         tracing_subscriber::registry()
             .with(layer)

@@ -48,15 +48,24 @@ pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatc
                     r.finish(0, 0, Outcome::Error(Error::Loop(dst).to_string()));
                     return;
                 }
-                proxy(&pi, tcp, peer, dst).await;
+                proxy(&pi, tcp, peer, dst, Entry::Capture).await;
             }
             .instrument(info_span!("outbound", src = %peer)),
         );
     }
 }
 
+/// How the connection reached ztunnel, which decides how "connected" is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Redirected by iptables: the client already believes it is connected.
+    Capture,
+    /// A SOCKS5 CONNECT awaiting its reply: success only once the upstream is open.
+    Socks5,
+}
+
 /// Proxies one outbound connection from `src` (a local workload) to `dst`.
-pub async fn proxy(pi: &ProxyInputs, tcp: TcpStream, src: SocketAddr, dst: SocketAddr) {
+pub async fn proxy(pi: &ProxyInputs, tcp: TcpStream, src: SocketAddr, dst: SocketAddr, entry: Entry) {
     let result = ConnectionResult::new(
         pi.metrics.clone(),
         Direction::Outbound,
@@ -66,7 +75,7 @@ pub async fn proxy(pi: &ProxyInputs, tcp: TcpStream, src: SocketAddr, dst: Socke
             ..Default::default()
         },
     );
-    let (rx, tx, outcome) = match run(pi, tcp, src, dst, &result).await {
+    let (rx, tx, outcome) = match run(pi, tcp, src, dst, &result, entry).await {
         Ok((rx, tx)) => (rx, tx, Outcome::Ok),
         Err((rx, tx, e)) => (rx, tx, Outcome::Error(e.to_string())),
     };
@@ -81,16 +90,59 @@ async fn run(
     src: SocketAddr,
     dst: SocketAddr,
     result: &ConnectionResult,
+    entry: Entry,
 ) -> Result<(u64, u64), Failure> {
-    let fail = |e: Error| (0, 0, e);
+    let opened = run_to_open(pi, src, dst, result).await;
+    if entry == Entry::Socks5 {
+        let code = match &opened {
+            Ok(_) => super::socks5::REP_OK,
+            Err(Error::Hbone(mesh_hbone::Error::Refused { status, .. }))
+                if *status == http::StatusCode::UNAUTHORIZED =>
+            {
+                super::socks5::REP_NOT_ALLOWED
+            }
+            Err(_) => super::socks5::REP_REFUSED,
+        };
+        super::socks5::reply(&mut tcp, code)
+            .await
+            .map_err(|e| (0, 0, e.into()))?;
+    }
+    match opened.map_err(|e| (0, 0, e))? {
+        Upstream::Plain(mut up) => match tokio::io::copy_bidirectional(&mut tcp, &mut up).await {
+            Ok((rx, tx)) => Ok((rx, tx)),
+            Err(e) => Err((0, 0, e.into())),
+        },
+        Upstream::Tunnel(t) => {
+            let (send, recv, _keep) = t.into_parts();
+            let (stats, res) = mesh_hbone::relay(&tcp, send, recv).await;
+            match res {
+                Ok(()) => Ok((stats.tcp_to_tunnel, stats.tunnel_to_tcp)),
+                Err(e) => Err((stats.tcp_to_tunnel, stats.tunnel_to_tcp, e.into())),
+            }
+        }
+    }
+}
+
+enum Upstream {
+    Plain(TcpStream),
+    Tunnel(mesh_hbone::Tunnel),
+}
+
+/// Decides the route and opens the upstream side (a socket or a tunnel stream).
+async fn run_to_open(
+    pi: &ProxyInputs,
+    src: SocketAddr,
+    dst: SocketAddr,
+    result: &ConnectionResult,
+) -> Result<Upstream, Error> {
     let src_w = pi
         .local_workload(src.ip())
-        .ok_or_else(|| fail(Error::UnknownSource(src.ip())))?;
+        .ok_or(Error::UnknownSource(src.ip()))?;
     let src_id = src_w.identity().map_err(|e| {
-        fail(Error::Route(route::RouteError::BadIdentity {
+        Error::Route(route::RouteError::BadIdentity {
             uid: src_w.uid.clone(),
             reason: e.to_string(),
-        }))
+        })
     })?;
     result.update(|i| {
         i.src_workload = Some(src_w.clone());
@@ -99,7 +151,7 @@ async fn run(
     let decided = pi.state.read(|s| {
         route::route(s, &src_w, dst, &mut |n| rand::random_range(0..n.max(1)))
     });
-    match decided.map_err(|e| fail(e.into()))? {
+    match decided? {
         Route::Passthrough {
             dst,
             workload,
@@ -109,14 +161,11 @@ async fn run(
                 i.dst_workload = workload;
                 i.dst_service = service;
             });
-            let mut up = super::connect(dst, pi.cfg.packet_mark, super::Source::Any)
+            let up = super::connect(dst, pi.cfg.packet_mark, super::Source::Any)
                 .await
-                .map_err(|source| fail(Error::Connect { addr: dst, source }))?;
+                .map_err(|source| Error::Connect { addr: dst, source })?;
             result.opened();
-            match tokio::io::copy_bidirectional(&mut tcp, &mut up).await {
-                Ok((rx, tx)) => Ok((rx, tx)),
-                Err(e) => Err((0, 0, e.into())),
-            }
+            Ok(Upstream::Plain(up))
         }
         Route::Hbone {
             tunnel,
@@ -133,14 +182,14 @@ async fn run(
                 i.dst_identity = Some(identity.clone());
                 i.mtls = true;
             });
-            let cert = pi.secrets.get(&src_id).await.map_err(|e| fail(e.into()))?;
+            let cert = pi.secrets.get(&src_id).await?;
             let headers = header::ConnectHeaders {
                 traceparent: Some(header::new_traceparent()),
                 baggage: baggage(&src_w),
                 forwarded_for: via_waypoint.then_some(super::canonical_ip(src.ip())),
             };
             let req = header::connect_request(authority, &headers)
-                .map_err(|e| fail(Error::Io(std::io::Error::other(e))))?;
+                .map_err(|e| Error::Io(std::io::Error::other(e)))?;
             // Tunnels leave from the source workload's own address where it is local, so
             // the peer sees (and source-IP policy matches) the real client.
             let src_ip = super::canonical_ip(src.ip());
@@ -163,14 +212,9 @@ async fn run(
                     req,
                 )
                 .await
-                .map_err(|e| fail(e.into()))?;
+                ?;
             result.opened();
-            let (send, recv, _keep) = t.into_parts();
-            let (stats, res) = mesh_hbone::relay(&tcp, send, recv).await;
-            match res {
-                Ok(()) => Ok((stats.tcp_to_tunnel, stats.tunnel_to_tcp)),
-                Err(e) => Err((stats.tcp_to_tunnel, stats.tunnel_to_tcp, e.into())),
-            }
+            Ok(Upstream::Tunnel(t))
         }
     }
 }

@@ -32,7 +32,10 @@ pub enum Socks5Error {
 }
 
 /// Reply codes (RFC 1928 §6).
-const REP_OK: u8 = 0x00;
+pub const REP_OK: u8 = 0x00;
+/// Denied by authorization.
+pub const REP_NOT_ALLOWED: u8 = 0x02;
+pub const REP_REFUSED: u8 = 0x05;
 const REP_CMD_NOT_SUPPORTED: u8 = 0x07;
 const REP_ATYP_NOT_SUPPORTED: u8 = 0x08;
 
@@ -53,7 +56,10 @@ pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatc
                 let _hold = hold;
                 let mut tcp = tcp;
                 match handshake(&mut tcp).await {
-                    Ok(dst) => super::outbound::proxy(&pi, tcp, peer, dst).await,
+                    Ok(dst) => {
+                        super::outbound::proxy(&pi, tcp, peer, dst, super::outbound::Entry::Socks5)
+                            .await
+                    }
                     Err(e) => debug!(error = %e, "socks5 handshake failed"),
                 }
             }
@@ -102,11 +108,11 @@ async fn handshake(s: &mut TcpStream) -> std::io::Result<SocketAddr> {
         }
     };
     let port = s.read_u16().await?;
-    // The tunnel is set up lazily; success is reported now and a failure closes the socket.
-    reply(s, REP_OK).await?;
+    // The reply is sent by the outbound path once the upstream is open (or refused).
     Ok(SocketAddr::new(ip, port))
 }
 
-async fn reply(s: &mut TcpStream, code: u8) -> std::io::Result<()> {
+/// Sends a reply with an unspecified bound address.
+pub async fn reply(s: &mut TcpStream, code: u8) -> std::io::Result<()> {
     s.write_all(&[5, code, 0, 1, 0, 0, 0, 0, 0, 0]).await
 }
