@@ -87,7 +87,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         let body = request(admin, http::Method::GET, "/config_dump").await?;
                         println!("{body}");
                     }
-                    ZtunnelCmd::LogLevel { filter: None, admin } => {
+                    ZtunnelCmd::LogLevel {
+                        filter: None,
+                        admin,
+                    } => {
                         print!("{}", request(admin, http::Method::GET, "/logging").await?);
                     }
                     ZtunnelCmd::LogLevel {
@@ -123,14 +126,19 @@ fn create_ca(dir: &std::path::Path, trust_domain: &str, force: bool) -> anyhow::
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
         }
     }
-    println!("CA for trust domain {trust_domain} written to {}", dir.display());
+    println!(
+        "CA for trust domain {trust_domain} written to {}",
+        dir.display()
+    );
     Ok(())
 }
 
 async fn request(addr: SocketAddr, method: http::Method, path: &str) -> anyhow::Result<String> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
-        .with_context(|| format!("connecting to the admin port {addr} (is ztunnel running? is --admin right?)"))?;
+        .with_context(|| {
+            format!("connecting to the admin port {addr} (is ztunnel running? is --admin right?)")
+        })?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
     let req = http::Request::builder()

@@ -50,23 +50,42 @@ pub fn admin_handler(a: Arc<AdminState>) -> Handler {
                     });
                     match dump {
                         Ok(b) => AdminResponse::json(b),
-                        Err(e) => AdminResponse::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                        Err(e) => {
+                            AdminResponse::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                        }
                     }
                 }
                 (Method::GET, "/logging") => match &a.log {
-                    Some(l) => AdminResponse::text(StatusCode::OK, format!("current log level: {}\n", l.current())),
-                    None => AdminResponse::text(StatusCode::OK, "logging is managed by the embedding process\n"),
+                    Some(l) => AdminResponse::text(
+                        StatusCode::OK,
+                        format!("current log level: {}\n", l.current()),
+                    ),
+                    None => AdminResponse::text(
+                        StatusCode::OK,
+                        "logging is managed by the embedding process\n",
+                    ),
                 },
                 (Method::POST, "/logging") => {
                     let Some(level) = query_param(req.query.as_deref(), "level") else {
-                        return AdminResponse::text(StatusCode::BAD_REQUEST, "missing ?level=FILTER (e.g. info,ztunnel::proxy=debug)\n");
+                        return AdminResponse::text(
+                            StatusCode::BAD_REQUEST,
+                            "missing ?level=FILTER (e.g. info,ztunnel::proxy=debug)\n",
+                        );
                     };
                     match &a.log {
                         Some(l) => match l.set(level) {
-                            Ok(()) => AdminResponse::text(StatusCode::OK, format!("log level set to {level}\n")),
-                            Err(e) => AdminResponse::text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                            Ok(()) => AdminResponse::text(
+                                StatusCode::OK,
+                                format!("log level set to {level}\n"),
+                            ),
+                            Err(e) => {
+                                AdminResponse::text(StatusCode::BAD_REQUEST, format!("{e}\n"))
+                            }
                         },
-                        None => AdminResponse::text(StatusCode::CONFLICT, "logging is managed by the embedding process\n"),
+                        None => AdminResponse::text(
+                            StatusCode::CONFLICT,
+                            "logging is managed by the embedding process\n",
+                        ),
                     }
                 }
                 (Method::POST, "/quitquitquit") => {

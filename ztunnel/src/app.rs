@@ -52,7 +52,9 @@ pub struct Bound {
 
 impl std::fmt::Debug for Bound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bound").field("addresses", &self.addresses).finish_non_exhaustive()
+        f.debug_struct("Bound")
+            .field("addresses", &self.addresses)
+            .finish_non_exhaustive()
     }
 }
 
@@ -124,9 +126,17 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
     let (trigger, watcher) = drain::new();
     let (shutdown_tx, shutdown_rx) = tokio::sync::mpsc::channel(1);
 
-    tokio::spawn(proxy::outbound::serve(pi.clone(), outbound, watcher.clone()));
+    tokio::spawn(proxy::outbound::serve(
+        pi.clone(),
+        outbound,
+        watcher.clone(),
+    ));
     tokio::spawn(proxy::inbound::serve(pi.clone(), inbound, watcher.clone()));
-    tokio::spawn(proxy::inbound_plain::serve(pi.clone(), inbound_plain, watcher.clone()));
+    tokio::spawn(proxy::inbound_plain::serve(
+        pi.clone(),
+        inbound_plain,
+        watcher.clone(),
+    ));
     if let Some(l) = socks5 {
         tokio::spawn(proxy::socks5::serve(pi.clone(), l, watcher.clone()));
     }
@@ -144,13 +154,23 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
     // answering (not ready) while connections finish.
     let (_admin_trigger, admin_watch) = drain::new();
     std::mem::forget(_admin_trigger);
-    admin_rt.spawn(mesh_rt::http::serve(admin_l, admin::admin_handler(admin_state), admin_watch.clone()));
-    admin_rt.spawn(mesh_rt::http::serve(stats_l, admin::stats_handler(registry), admin_watch.clone()));
-    admin_rt.spawn(mesh_rt::http::serve(ready_l, admin::readiness_handler(ready.clone()), admin_watch));
+    admin_rt.spawn(mesh_rt::http::serve(
+        admin_l,
+        admin::admin_handler(admin_state),
+        admin_watch.clone(),
+    ));
+    admin_rt.spawn(mesh_rt::http::serve(
+        stats_l,
+        admin::stats_handler(registry),
+        admin_watch.clone(),
+    ));
+    admin_rt.spawn(mesh_rt::http::serve(
+        ready_l,
+        admin::readiness_handler(ready.clone()),
+        admin_watch,
+    ));
 
-    tokio::spawn(
-        prefetch_certificates(pi.clone(), certs_block).instrument(info_span!("prefetch")),
-    );
+    tokio::spawn(prefetch_certificates(pi.clone(), certs_block).instrument(info_span!("prefetch")));
     tokio::spawn(watch_config(pi.clone(), watcher.clone()).instrument(info_span!("local_config")));
 
     Ok(Bound {
@@ -217,7 +237,10 @@ async fn watch_config(pi: Arc<ProxyInputs>, drain: DrainWatcher) {
 
 impl Bound {
     /// A handle that triggers the same graceful shutdown as SIGTERM.
-    pub async fn wait_termination(mut self, signal: impl std::future::Future<Output = ()>) -> DrainOutcome {
+    pub async fn wait_termination(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> DrainOutcome {
         tokio::select! {
             () = signal => {}
             _ = self.shutdown_rx.recv() => info!("shutdown requested via admin endpoint"),
@@ -226,7 +249,9 @@ impl Bound {
         let outcome = self.drain.drain(self.deadline).await;
         match outcome {
             DrainOutcome::Complete => info!("drain complete"),
-            DrainOutcome::DeadlineExceeded => warn!("drain deadline passed; closing remaining connections"),
+            DrainOutcome::DeadlineExceeded => {
+                warn!("drain deadline passed; closing remaining connections")
+            }
         }
         outcome
     }

@@ -40,7 +40,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("{s:?} has unknown unit {unit:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "{s:?} has unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?} is not a non-negative duration"));
@@ -50,7 +54,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Command-line flags and their environment variables.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "ztunnel", version, about = "Per-node HBONE proxy of the mesh (L4 only).")]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "Per-node HBONE proxy of the mesh (L4 only)."
+)]
 pub struct Args {
     /// Capture mode.
     #[arg(long, env = "PROXY_MODE", value_enum, default_value = "dedicated")]
@@ -303,7 +311,12 @@ mod tests {
     #[test]
     fn all_problems_are_reported_at_once() {
         let err = args(&["--trust-domain", "Bad_TD!", "--worker-threads", "0"]).unwrap_err();
-        for want in ["LOCAL_XDS_PATH", "LOCAL_CA_DIR", "trust domain", "WORKER_THREADS"] {
+        for want in [
+            "LOCAL_XDS_PATH",
+            "LOCAL_CA_DIR",
+            "trust domain",
+            "WORKER_THREADS",
+        ] {
             assert!(err.contains(want), "missing {want} in {err}");
         }
     }

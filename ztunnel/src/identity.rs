@@ -22,7 +22,9 @@ use tracing::{info, warn};
 /// Why a certificate could not be had.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IdentityError {
-    #[error("reading CA file {path}: {reason} (LOCAL_CA_DIR must hold ca-key.pem, ca-cert.pem, root-cert.pem, cert-chain.pem)")]
+    #[error(
+        "reading CA file {path}: {reason} (LOCAL_CA_DIR must hold ca-key.pem, ca-cert.pem, root-cert.pem, cert-chain.pem)"
+    )]
     CaFile { path: String, reason: String },
     #[error("issuing a certificate for {identity}: {reason}")]
     Issue { identity: Identity, reason: String },
@@ -60,10 +62,11 @@ impl LocalCaProvider {
             read("cert-chain.pem")?,
             read("root-cert.pem")?,
         );
-        let ca = LocalCa::from_pem(&key, &cert, &chain, &root).map_err(|e| IdentityError::CaFile {
-            path: dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let ca =
+            LocalCa::from_pem(&key, &cert, &chain, &root).map_err(|e| IdentityError::CaFile {
+                path: dir.display().to_string(),
+                reason: e.to_string(),
+            })?;
         Ok(LocalCaProvider { ca, ttl })
     }
 
@@ -156,7 +159,11 @@ impl SecretManager {
         self.refresh(id, &entry).await
     }
 
-    async fn refresh(&self, id: &Identity, entry: &Entry) -> Result<Arc<WorkloadCert>, IdentityError> {
+    async fn refresh(
+        &self,
+        id: &Identity,
+        entry: &Entry,
+    ) -> Result<Arc<WorkloadCert>, IdentityError> {
         match self.provider.fetch(id).await {
             Ok(c) => {
                 let c = Arc::new(c);
@@ -178,7 +185,10 @@ impl SecretManager {
     }
 
     /// The TLS server configuration presenting `id`'s certificate; rebuilt after renewal.
-    pub async fn server_config(&self, id: &Identity) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+    pub async fn server_config(
+        &self,
+        id: &Identity,
+    ) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
         let cert = self.get(id).await?;
         let entry = self.entry(id);
         let mut slot = lock(&entry.server);
@@ -275,7 +285,8 @@ mod tests {
         fn fetch<'a>(
             &'a self,
             id: &'a Identity,
-        ) -> Pin<Box<dyn Future<Output = Result<WorkloadCert, IdentityError>> + Send + 'a>> {
+        ) -> Pin<Box<dyn Future<Output = Result<WorkloadCert, IdentityError>> + Send + 'a>>
+        {
             Box::pin(async move {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 if self.fail.load(Ordering::SeqCst) {
@@ -303,7 +314,10 @@ mod tests {
             fail: false.into(),
             stale: false.into(),
         });
-        let m = Arc::new(SecretManager::new(p.clone(), TrustPolicy::new("cluster.local")));
+        let m = Arc::new(SecretManager::new(
+            p.clone(),
+            TrustPolicy::new("cluster.local"),
+        ));
         let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let (a, b) = tokio::join!(m.get(&id), m.get(&id));
         assert!(Arc::ptr_eq(&a.unwrap(), &b.unwrap()));

@@ -264,7 +264,10 @@ struct LocalMatch {
 /// `{Variant: value}` or a tagged value `!Variant value`.
 fn variant(v: serde_yaml::Value) -> Result<(String, serde_yaml::Value), String> {
     match v {
-        serde_yaml::Value::Tagged(t) => Ok((t.tag.to_string().trim_start_matches('!').to_owned(), t.value)),
+        serde_yaml::Value::Tagged(t) => Ok((
+            t.tag.to_string().trim_start_matches('!').to_owned(),
+            t.value,
+        )),
         serde_yaml::Value::Mapping(m) if m.len() == 1 => {
             let Some((k, v)) = m.into_iter().next() else {
                 return Err("empty map".into());
@@ -274,7 +277,9 @@ fn variant(v: serde_yaml::Value) -> Result<(String, serde_yaml::Value), String> 
                 other => Err(format!("variant name must be a string, got {other:?}")),
             }
         }
-        other => Err(format!("expected {{Variant: value}} or !Variant value, got {other:?}")),
+        other => Err(format!(
+            "expected {{Variant: value}} or !Variant value, got {other:?}"
+        )),
     }
 }
 
@@ -292,7 +297,11 @@ fn string_match(v: StringMatch) -> Result<policy::StringMatch, String> {
         "Prefix" => policy::StringMatch::Prefix(string_value(value)?),
         "Suffix" => policy::StringMatch::Suffix(string_value(value)?),
         "Presence" => policy::StringMatch::Presence,
-        other => return Err(format!("unknown matcher {other:?} (Exact, Prefix, Suffix, Presence)")),
+        other => {
+            return Err(format!(
+                "unknown matcher {other:?} (Exact, Prefix, Suffix, Presence)"
+            ));
+        }
     })
 }
 
@@ -365,7 +374,10 @@ impl Ctx<'_> {
                 })
             }
             other => {
-                return Err(self.err(dfield, format!("unknown destination {other:?} (Address or Hostname)")));
+                return Err(self.err(
+                    dfield,
+                    format!("unknown destination {other:?} (Address or Hostname)"),
+                ));
             }
         };
         Ok(GatewayAddress {
@@ -401,10 +413,17 @@ pub fn parse(path: &str, text: &str) -> Result<State, LocalConfigError> {
             return Err(cx.err(f("uid"), format!("duplicate uid {:?}", w.uid)));
         }
         for k in w.services.keys() {
-            k.parse::<NamespacedHostname>()
-                .map_err(|_| cx.err(f("services"), format!("key {k:?} is not namespace/hostname")))?;
+            k.parse::<NamespacedHostname>().map_err(|_| {
+                cx.err(
+                    f("services"),
+                    format!("key {k:?} is not namespace/hostname"),
+                )
+            })?;
         }
-        let waypoint = w.waypoint.map(|g| cx.gateway(f("waypoint"), g)).transpose()?;
+        let waypoint = w
+            .waypoint
+            .map(|g| cx.gateway(f("waypoint"), g))
+            .transpose()?;
         let wl = Workload {
             uid: w.uid,
             name: w.name,
@@ -444,7 +463,10 @@ pub fn parse(path: &str, text: &str) -> Result<State, LocalConfigError> {
             .enumerate()
             .map(|(j, v)| v.parse().map_err(|e| cx.err(f(&format!("vips[{j}]")), e)))
             .collect::<Result<Vec<_>, _>>()?;
-        let waypoint = s.waypoint.map(|g| cx.gateway(f("waypoint"), g)).transpose()?;
+        let waypoint = s
+            .waypoint
+            .map(|g| cx.gateway(f("waypoint"), g))
+            .transpose()?;
         services.push(Service {
             name: s.name,
             namespace: s.namespace,
@@ -463,7 +485,10 @@ pub fn parse(path: &str, text: &str) -> Result<State, LocalConfigError> {
                 let mut clause = Vec::with_capacity(matches.len());
                 for (m, lm) in matches.into_iter().enumerate() {
                     let pm = policy::Match::try_from(lm).map_err(|(field, reason)| {
-                        cx.err(format!("policies[{i}].rules[{r}][{c}][{m}].{field}"), reason)
+                        cx.err(
+                            format!("policies[{i}].rules[{r}][{c}][{m}].{field}"),
+                            reason,
+                        )
                     })?;
                     clause.push(pm);
                 }
@@ -543,7 +568,10 @@ policies:
         let s = parse("t.yaml", EXAMPLE).unwrap();
         let w = s.workload_by_ip("", "10.244.1.5".parse().unwrap()).unwrap();
         assert_eq!(w.protocol, TunnelProtocol::Hbone);
-        assert_eq!(w.identity().unwrap().to_string(), "spiffe://cluster.local/ns/foo/sa/echo");
+        assert_eq!(
+            w.identity().unwrap().to_string(),
+            "spiffe://cluster.local/ns/foo/sa/echo"
+        );
         assert!(w.waypoint.is_some());
         let legacy = s.workload_by_uid("legacy").unwrap();
         assert_eq!(legacy.protocol, TunnelProtocol::None);
@@ -552,7 +580,8 @@ policies:
         let pols = s.policies_for(&w);
         assert_eq!(pols.len(), 2);
         // Both YAML spellings of a variant are read.
-        let map_form = "workloads: [{uid: a, namespace: n, waypoint: {destination: {Address: /10.0.0.9}}}]";
+        let map_form =
+            "workloads: [{uid: a, namespace: n, waypoint: {destination: {Address: /10.0.0.9}}}]";
         let s = parse("t.yaml", map_form).unwrap();
         assert!(s.workload_by_uid("a").unwrap().waypoint.is_some());
     }
@@ -560,15 +589,42 @@ policies:
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            ("workloads: [{uid: a, namespace: n, workloadIps: [not-an-ip]}]", "workloads[0].workloadIps[0]"),
-            ("workloads: [{uid: a, namespace: n, bogus: 1}]", "workloads[0]"),
-            ("services: [{name: s, namespace: n, hostname: h, vips: [/x]}]", "services[0].vips[0]"),
-            ("policies: [{name: p, namespace: n, scope: Everywhere, action: Allow}]", "policies[0].scope"),
-            ("workloads: [{uid: a, namespace: 'b c'}]", "workloads[0].serviceAccount"),
-            ("workloads: [{uid: a, namespace: n}, {uid: a, namespace: n}]", "workloads[1].uid"),
-            ("workloads: [{uid: a, namespace: n, services: {nohost: {80: 80}}}]", "workloads[0].services"),
-            ("workloads: [{uid: a, namespace: n, waypoint: {destination: {Elsewhere: x}}}]", "workloads[0].waypoint.destination"),
-            ("policies: [{name: p, namespace: n, scope: Global, action: Deny, rules: [[[{principals: [{Regex: x}]}]]]}]", "policies[0].rules[0][0][0].principals[0]"),
+            (
+                "workloads: [{uid: a, namespace: n, workloadIps: [not-an-ip]}]",
+                "workloads[0].workloadIps[0]",
+            ),
+            (
+                "workloads: [{uid: a, namespace: n, bogus: 1}]",
+                "workloads[0]",
+            ),
+            (
+                "services: [{name: s, namespace: n, hostname: h, vips: [/x]}]",
+                "services[0].vips[0]",
+            ),
+            (
+                "policies: [{name: p, namespace: n, scope: Everywhere, action: Allow}]",
+                "policies[0].scope",
+            ),
+            (
+                "workloads: [{uid: a, namespace: 'b c'}]",
+                "workloads[0].serviceAccount",
+            ),
+            (
+                "workloads: [{uid: a, namespace: n}, {uid: a, namespace: n}]",
+                "workloads[1].uid",
+            ),
+            (
+                "workloads: [{uid: a, namespace: n, services: {nohost: {80: 80}}}]",
+                "workloads[0].services",
+            ),
+            (
+                "workloads: [{uid: a, namespace: n, waypoint: {destination: {Elsewhere: x}}}]",
+                "workloads[0].waypoint.destination",
+            ),
+            (
+                "policies: [{name: p, namespace: n, scope: Global, action: Deny, rules: [[[{principals: [{Regex: x}]}]]]}]",
+                "policies[0].rules[0][0][0].principals[0]",
+            ),
         ];
         for (text, field) in cases {
             let err = parse("t.yaml", text).unwrap_err().to_string();

@@ -11,7 +11,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(64);
         }
     };
-    let log = match mesh_rt::logging::init(&cfg.log_level, cfg.log_format == ztunnel::config::LogFormat::Json) {
+    let log = match mesh_rt::logging::init(
+        &cfg.log_level,
+        cfg.log_format == ztunnel::config::LogFormat::Json,
+    ) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("ztunnel: {e}");
@@ -23,7 +26,10 @@ fn main() -> std::process::ExitCode {
     }
     // Admin, metrics and readiness run on their own single thread so a busy data plane
     // never delays a readiness probe.
-    let admin_rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let admin_rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ztunnel: creating the admin runtime: {e}");

@@ -144,7 +144,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     match try_bind(addr) {
         Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
             tracing::debug!(error = %e, %addr, "IPv6 wildcard unavailable, binding IPv4");
-            try_bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()))
+            try_bind(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                addr.port(),
+            ))
         }
         r => r,
     }
@@ -155,8 +158,7 @@ pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(s);
     let local = s.local_addr()?;
     let addr = if local.is_ipv4() || canonical_ip(local.ip()).is_ipv4() {
-        sock.original_dst_v4()
-            .or_else(|_| sock.original_dst_v6())?
+        sock.original_dst_v4().or_else(|_| sock.original_dst_v6())?
     } else {
         sock.original_dst_v6()?
     };

@@ -220,7 +220,12 @@ mod tests {
 
     #[test]
     fn indexes_and_policy_selection() {
-        let mut w = wl("a", "foo", "10.0.0.1", &[("foo/svc.foo.svc.cluster.local", 80, 8080)]);
+        let mut w = wl(
+            "a",
+            "foo",
+            "10.0.0.1",
+            &[("foo/svc.foo.svc.cluster.local", 80, 8080)],
+        );
         w.authorization_policies = vec!["foo/selected".into()];
         let w2 = wl("b", "bar", "10.0.0.2", &[]);
         let svc = Service {
@@ -244,7 +249,10 @@ mod tests {
         );
         let a = s.workload_by_ip("", "10.0.0.1".parse().unwrap()).unwrap();
         assert_eq!(a.uid, "a");
-        assert!(s.workload_by_ip("other-net", "10.0.0.1".parse().unwrap()).is_none());
+        assert!(
+            s.workload_by_ip("other-net", "10.0.0.1".parse().unwrap())
+                .is_none()
+        );
         let svc = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
         assert_eq!(s.endpoints(&svc.key()).len(), 1);
         let mut keys: Vec<String> = s.policies_for(&a).iter().map(|p| p.key()).collect();

@@ -69,7 +69,11 @@ impl Two {
 
 async fn two(net: u8, sink_app: bool, policies_b: &str) -> Two {
     let m = Mesh::new(net);
-    let app = if sink_app { sink(m.ip(3)).await } else { echo(m.ip(3)).await };
+    let app = if sink_app {
+        sink(m.ip(3)).await
+    } else {
+        echo(m.ip(3)).await
+    };
     let ca = m.write("a.yaml", &config(&m, app.port(), "echo", "[]"));
     let cb = m.write("b.yaml", &config(&m, app.port(), "echo", policies_b));
     let a = m.ztunnel(&ca, "node-a", m.ip(2), &[]).await;
@@ -87,7 +91,11 @@ async fn bytes_arrive_intact_both_ways_and_server_sees_client_identity() {
 
     let (_, metrics) = http_get(t.b.addresses.stats, "/metrics").await;
     let inbound = [("reporter", "destination"), ("source_principal", CLIENT_ID)];
-    assert_eq!(metric_sum(&metrics, "istio_tcp_connections_opened_total", &inbound), 2, "{metrics}");
+    assert_eq!(
+        metric_sum(&metrics, "istio_tcp_connections_opened_total", &inbound),
+        2,
+        "{metrics}"
+    );
     assert_eq!(
         metric_sum(&metrics, "istio_tcp_received_bytes_total", &inbound),
         data.len() as u64 + 5
@@ -95,8 +103,14 @@ async fn bytes_arrive_intact_both_ways_and_server_sees_client_identity() {
     assert!(metrics.contains("destination_principal=\"spiffe://cluster.local/ns/foo/sa/echo\""));
     assert!(metrics.contains("connection_security_policy=\"mutual_tls\""));
     let (_, metrics_a) = http_get(t.a.addresses.stats, "/metrics").await;
-    let outbound = [("reporter", "source"), ("destination_service", "echo.foo.svc.cluster.local")];
-    assert_eq!(metric_sum(&metrics_a, "istio_tcp_connections_closed_total", &outbound), 1);
+    let outbound = [
+        ("reporter", "source"),
+        ("destination_service", "echo.foo.svc.cluster.local"),
+    ];
+    assert_eq!(
+        metric_sum(&metrics_a, "istio_tcp_connections_closed_total", &outbound),
+        1
+    );
     // Both connections shared one HBONE connection.
     assert_eq!(t.a.proxy.pool.connections_opened(), 1);
 }
@@ -121,10 +135,20 @@ async fn deny_policy_refuses_the_connection() {
 "#;
     let t = two(12, false, deny).await;
     let err = t.send(t.vip(), b"secret").await.unwrap_err();
-    assert!(err.to_string().contains("socks reply 2"), "denied is 'not allowed by ruleset': {err}");
+    assert!(
+        err.to_string().contains("socks reply 2"),
+        "denied is 'not allowed by ruleset': {err}"
+    );
     assert_eq!(t.b.proxy.authz_calls.load(Ordering::Relaxed), 1);
     let (_, metrics) = http_get(t.b.addresses.stats, "/metrics").await;
-    assert_eq!(metric_sum(&metrics, "istio_tcp_received_bytes_total", &[("reporter", "destination")]), 0);
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "istio_tcp_received_bytes_total",
+            &[("reporter", "destination")]
+        ),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,9 +177,15 @@ async fn server_with_unexpected_identity_is_refused_by_the_client() {
     let cb = m.write("b.yaml", &config(&m, app.port(), "impostor", "[]"));
     let a = m.ztunnel(&ca, "node-a", m.ip(2), &[]).await;
     let b = m.ztunnel(&cb, "node-b", m.ip(3), &[]).await;
-    let err = socks_connect(a.addresses.socks5.unwrap(), m.ip(2), app).await.unwrap_err();
+    let err = socks_connect(a.addresses.socks5.unwrap(), m.ip(2), app)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("socks reply 5"), "{err}");
-    assert_eq!(b.proxy.authz_calls.load(Ordering::Relaxed), 0, "refused during the handshake");
+    assert_eq!(
+        b.proxy.authz_calls.load(Ordering::Relaxed),
+        0,
+        "refused during the handshake"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,21 +200,46 @@ async fn client_of_foreign_trust_domain_is_refused() {
     );
     let ca = m.write("a.yaml", &evil);
     let cb = m.write("b.yaml", &config(&m, app.port(), "echo", "[]"));
-    let a = m.ztunnel(&ca, "node-a", m.ip(2), &["--trust-domain", "evil.org", "--trust-domain-aliases", "cluster.local"]).await;
+    let a = m
+        .ztunnel(
+            &ca,
+            "node-a",
+            m.ip(2),
+            &[
+                "--trust-domain",
+                "evil.org",
+                "--trust-domain-aliases",
+                "cluster.local",
+            ],
+        )
+        .await;
     let b = m.ztunnel(&cb, "node-b", m.ip(3), &[]).await;
-    assert!(socks_connect(a.addresses.socks5.unwrap(), m.ip(2), app).await.is_err());
+    assert!(
+        socks_connect(a.addresses.socks5.unwrap(), m.ip(2), app)
+            .await
+            .is_err()
+    );
     assert_eq!(b.proxy.authz_calls.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_client_on_hbone_port_is_refused() {
     let t = two(17, false, "[]").await;
-    let mut s = TcpStream::connect(SocketAddr::new(t.m.ip(3), 15008)).await.unwrap();
+    let mut s = TcpStream::connect(SocketAddr::new(t.m.ip(3), 15008))
+        .await
+        .unwrap();
     use tokio::io::AsyncWriteExt;
-    s.write_all(b"CONNECT 127.17.0.3:80 HTTP/1.1\r\n\r\n").await.unwrap();
+    s.write_all(b"CONNECT 127.17.0.3:80 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.unwrap();
-    assert!(!String::from_utf8_lossy(&buf).contains("200"), "no tunnel for plaintext");
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("200"),
+        "no tunnel for plaintext"
+    );
     assert_eq!(t.b.proxy.authz_calls.load(Ordering::Relaxed), 0);
     // The ztunnel is unaffected.
     assert_eq!(t.send(t.vip(), b"ok").await.unwrap(), b"ok");
@@ -207,9 +262,15 @@ async fn one_gib_stream_arrives_intact() {
         }
         w.shutdown().await.unwrap();
     });
-    let count = tokio::time::timeout(Duration::from_secs(300), r.read_u64()).await.unwrap().unwrap();
+    let count = tokio::time::timeout(Duration::from_secs(300), r.read_u64())
+        .await
+        .unwrap()
+        .unwrap();
     writer.await.unwrap();
-    assert_eq!(count, TOTAL, "sink saw wrong count or corrupted bytes (u64::MAX)");
+    assert_eq!(
+        count, TOTAL,
+        "sink saw wrong count or corrupted bytes (u64::MAX)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +293,10 @@ async fn thousand_concurrent_connections_complete() {
         }
     }
     assert_eq!(ok, 1000);
-    assert!(t.a.proxy.pool.connections_opened() <= 20, "streams must share pooled connections");
+    assert!(
+        t.a.proxy.pool.connections_opened() <= 20,
+        "streams must share pooled connections"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,9 +340,16 @@ async fn drain_lets_open_connections_finish_and_refuses_new_ones() {
     // The open connection still works...
     assert_eq!(round_trip(s, b"in flight").await.unwrap(), b"in flight");
     // ...and the drain completes once it closed, well before the deadline.
-    let outcome = tokio::time::timeout(Duration::from_secs(3), drained).await.unwrap().unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(3), drained)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(outcome, mesh_rt::drain::DrainOutcome::Complete);
     // New connections are refused.
-    assert!(socks_connect(socks, m.ip(2), SocketAddr::new(m.ip(100), 80)).await.is_err());
+    assert!(
+        socks_connect(socks, m.ip(2), SocketAddr::new(m.ip(100), 80))
+            .await
+            .is_err()
+    );
     drop(b);
 }

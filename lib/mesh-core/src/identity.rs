@@ -31,9 +31,13 @@ pub enum IdentityError {
     Scheme(String),
     #[error("identity {0:?} has an invalid trust domain (want lowercase [a-z0-9._-], non-empty)")]
     TrustDomain(String),
-    #[error("identity {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "identity {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     Path(String),
-    #[error("identity {id:?} has an invalid {field} segment {segment:?} (want [A-Za-z0-9._-], not '.' or '..')")]
+    #[error(
+        "identity {id:?} has an invalid {field} segment {segment:?} (want [A-Za-z0-9._-], not '.' or '..')"
+    )]
     Segment {
         id: String,
         field: &'static str,
@@ -73,17 +77,16 @@ impl Identity {
 fn valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
         && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 fn valid_segment(s: &str) -> bool {
     !s.is_empty()
         && s != "."
         && s != ".."
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
@@ -167,8 +170,18 @@ mod tests {
     use super::*;
     use test_case::test_case;
 
-    #[test_case("spiffe://cluster.local/ns/default/sa/sleep", "cluster.local", "default", "sleep")]
-    #[test_case("spiffe://td-1.example_x/ns/a.b/sa/A-Z_0", "td-1.example_x", "a.b", "A-Z_0")]
+    #[test_case(
+        "spiffe://cluster.local/ns/default/sa/sleep",
+        "cluster.local",
+        "default",
+        "sleep"
+    )]
+    #[test_case(
+        "spiffe://td-1.example_x/ns/a.b/sa/A-Z_0",
+        "td-1.example_x",
+        "a.b",
+        "A-Z_0"
+    )]
     fn parses(s: &str, td: &str, ns: &str, sa: &str) {
         let id: Identity = s.parse().unwrap();
         assert_eq!(id.trust_domain(), td);

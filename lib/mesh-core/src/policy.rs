@@ -162,7 +162,9 @@ impl Match {
         }) && list_matches(&self.destination_ports, &self.not_destination_ports, |p| {
             *p == conn.dst.port()
         }) && list_matches(&self.service_accounts, &self.not_service_accounts, |m| {
-            id.is_some_and(|i| i.namespace() == m.namespace && i.service_account() == m.service_account)
+            id.is_some_and(|i| {
+                i.namespace() == m.namespace && i.service_account() == m.service_account
+            })
         }) && list_matches(&self.principals, &self.not_principals, |m| {
             principal.is_some_and(|p| m.matches(p))
         }) && list_matches(&self.namespaces, &self.not_namespaces, |m| {

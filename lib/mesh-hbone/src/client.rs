@@ -30,15 +30,14 @@ use http::{Request, StatusCode};
 use mesh_core::Identity;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info_span, Instrument};
+use tracing::{Instrument, debug, info_span};
 
 use crate::{Error, H2Settings};
 
 /// Opens the TCP socket under a tunnel (e.g. inside a pod's netns, with a mark).
-pub type ConnectFn =
-    dyn Fn(SocketAddr) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
-        + Send
-        + Sync;
+pub type ConnectFn = dyn Fn(SocketAddr) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
+    + Send
+    + Sync;
 
 /// Plain `TcpStream::connect` with TCP_NODELAY, for tests and dedicated mode.
 pub fn default_connector() -> Arc<ConnectFn> {
@@ -266,7 +265,8 @@ impl Pool {
         });
         self.inner.opened.fetch_add(1, Ordering::Relaxed);
         let driver_shared = shared.clone();
-        let span = info_span!("hbone_conn", dst = %addr, src = %key.src, dst_id = %key.dst_identity);
+        let span =
+            info_span!("hbone_conn", dst = %addr, src = %key.src, dst_id = %key.dst_identity);
         tokio::spawn(
             async move {
                 if let Err(e) = connection.await {
@@ -294,7 +294,8 @@ impl Pool {
             conns.retain(|c| {
                 !c.shared.closed.load(Ordering::Acquire)
                     && (c.shared.streams.load(Ordering::Acquire) > 0
-                        || now.saturating_sub(c.shared.idle_since_ms.load(Ordering::Relaxed)) < idle)
+                        || now.saturating_sub(c.shared.idle_since_ms.load(Ordering::Relaxed))
+                            < idle)
             });
             closed += before - conns.len();
             if conns.is_empty() {

@@ -86,7 +86,10 @@ impl ConnectHeaders {
 }
 
 /// Builds the CONNECT request head for `dst`.
-pub fn connect_request(dst: SocketAddr, extra: &ConnectHeaders) -> Result<Request<()>, http::Error> {
+pub fn connect_request(
+    dst: SocketAddr,
+    extra: &ConnectHeaders,
+) -> Result<Request<()>, http::Error> {
     let mut req = Request::builder()
         .method(Method::CONNECT)
         .uri(dst.to_string())

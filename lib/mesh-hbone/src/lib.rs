@@ -50,7 +50,9 @@ impl Default for H2Settings {
 /// Errors of the tunnel layer, with what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("connect to {addr} failed: {source} (is port 15008 reachable, or is a NetworkPolicy blocking HBONE?)")]
+    #[error(
+        "connect to {addr} failed: {source} (is port 15008 reachable, or is a NetworkPolicy blocking HBONE?)"
+    )]
     Connect {
         addr: std::net::SocketAddr,
         source: std::io::Error,

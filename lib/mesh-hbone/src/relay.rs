@@ -31,7 +31,8 @@ pub struct RelayStats {
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
     } else {
         io::Error::other(e)
     }
@@ -85,7 +86,12 @@ async fn tcp_to_tunnel(
             let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => return Err(h2_io(e)),
-                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "tunnel stream closed",
+                    ));
+                }
             };
             if cap == 0 {
                 continue;

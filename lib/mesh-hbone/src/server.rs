@@ -26,7 +26,9 @@ pub struct Incoming {
 
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Incoming").field("dst", &self.dst).finish_non_exhaustive()
+        f.debug_struct("Incoming")
+            .field("dst", &self.dst)
+            .finish_non_exhaustive()
     }
 }
 

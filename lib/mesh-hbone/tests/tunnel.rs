@@ -4,8 +4,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_core::Identity;
 use mesh_hbone::{
-    H2Settings, Pool, PoolKey, client::{PoolSettings, default_connector}, header, relay,
-    serve_connection,
+    H2Settings, Pool, PoolKey,
+    client::{PoolSettings, default_connector},
+    header, relay, serve_connection,
 };
 use mesh_tls::{TrustPolicy, WorkloadCert, ca::LocalCa, client_config, server_config};
 use tokio::{
@@ -52,7 +53,9 @@ async fn fixture() -> Fixture {
             let (tcp, _) = l.accept().await.unwrap();
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let _ = serve_connection(
                     tls,
                     &H2Settings::default(),
@@ -78,7 +81,11 @@ async fn fixture() -> Fixture {
     }
 }
 
-async fn open(f: &Fixture, pool: &Pool, dst: SocketAddr) -> Result<mesh_hbone::Tunnel, mesh_hbone::Error> {
+async fn open(
+    f: &Fixture,
+    pool: &Pool,
+    dst: SocketAddr,
+) -> Result<mesh_hbone::Tunnel, mesh_hbone::Error> {
     let key = PoolKey {
         src: CLIENT.parse().unwrap(),
         dst_identity: SERVER.parse().unwrap(),
@@ -175,7 +182,10 @@ async fn refusal_status_is_reported_and_connection_survives() {
         other => panic!("expected refusal, got {other:?}"),
     }
     let t = open(&f, &pool, f.echo).await.unwrap();
-    assert_eq!(echo_through(t, b"still works".to_vec()).await, b"still works");
+    assert_eq!(
+        echo_through(t, b"still works".to_vec()).await,
+        b"still works"
+    );
     assert_eq!(pool.connections_opened(), 1);
 }
 

@@ -54,9 +54,8 @@ impl AdminResponse {
 }
 
 /// Routes a request. Async so handlers may consult shared state.
-pub type Handler = Arc<
-    dyn Fn(AdminRequest) -> Pin<Box<dyn Future<Output = AdminResponse> + Send>> + Send + Sync,
->;
+pub type Handler =
+    Arc<dyn Fn(AdminRequest) -> Pin<Box<dyn Future<Output = AdminResponse> + Send>> + Send + Sync>;
 
 const MAX_BODY: usize = 64 * 1024;
 

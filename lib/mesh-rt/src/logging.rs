@@ -1,6 +1,8 @@
 //! Logging: `tracing` with a filter that the admin endpoint can change at runtime.
 
-use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt,
+};
 
 /// Changes the active log filter (e.g. `info,ztunnel::proxy=debug`).
 #[derive(Clone)]
@@ -11,7 +13,9 @@ pub struct LogHandle {
 
 impl std::fmt::Debug for LogHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogHandle").field("current", &self.current()).finish()
+        f.debug_struct("LogHandle")
+            .field("current", &self.current())
+            .finish()
     }
 }
 
@@ -51,14 +55,19 @@ pub fn init(filter: &str, json: bool) -> Result<Option<LogHandle>, LogFilterErro
     })?;
     let (layer, handle) = reload::Layer::new(f);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let fmt = tracing_subscriber::fmt::layer().with_target(true).with_ansi(ansi);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_target(true)
+        .with_ansi(ansi);
     let res = if json {
         tracing_subscriber::registry()
             .with(layer)
             .with(fmt.json().flatten_event(true))
             .try_init()
     } else {
-        tracing_subscriber::registry().with(layer).with(fmt).try_init()
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(fmt)
+            .try_init()
     };
     Ok(res.ok().map(|()| LogHandle {
         handle,

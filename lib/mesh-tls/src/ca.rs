@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 use mesh_core::Identity;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
-    SanType,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
@@ -177,7 +177,11 @@ impl LocalCa {
         chain
     }
 
-    fn leaf_params(identity: &Identity, not_before: SystemTime, ttl: Duration) -> Result<CertificateParams, CertError> {
+    fn leaf_params(
+        identity: &Identity,
+        not_before: SystemTime,
+        ttl: Duration,
+    ) -> Result<CertificateParams, CertError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(
@@ -306,7 +310,10 @@ mod tests {
         let ca = LocalCa::from_ca_pem(&pem).unwrap();
         assert_eq!(ca.roots().len(), 1);
         let c = ca
-            .issue(&id("spiffe://cluster.local/ns/a/sa/b"), Duration::from_secs(60))
+            .issue(
+                &id("spiffe://cluster.local/ns/a/sa/b"),
+                Duration::from_secs(60),
+            )
             .unwrap();
         assert_eq!(c.chain.len(), 1, "a root-issued leaf is served alone");
         assert_eq!(pem.files().len(), 4);
@@ -316,7 +323,11 @@ mod tests {
     fn malformed_csr_is_a_named_error() {
         let ca = LocalCa::generate("cluster.local").unwrap();
         let err = ca
-            .sign_csr("garbage", &id("spiffe://cluster.local/ns/a/sa/b"), Duration::from_secs(1))
+            .sign_csr(
+                "garbage",
+                &id("spiffe://cluster.local/ns/a/sa/b"),
+                Duration::from_secs(1),
+            )
             .unwrap_err();
         assert!(err.to_string().contains("CSR"), "{err}");
     }

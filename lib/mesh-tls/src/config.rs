@@ -14,7 +14,10 @@ use crate::{
 };
 
 /// A client config presenting `cert` and accepting only a server that is one of `expected`.
-pub fn client_config(cert: &WorkloadCert, expected: Vec<Identity>) -> Result<ClientConfig, TlsError> {
+pub fn client_config(
+    cert: &WorkloadCert,
+    expected: Vec<Identity>,
+) -> Result<ClientConfig, TlsError> {
     let verifier = ServerIdentityVerifier::new(&cert.roots, expected)?;
     let mut cfg = ClientConfig::builder_with_provider(crate::provider())
         .with_protocol_versions(&[&TLS13])?

@@ -12,8 +12,7 @@ use std::{fmt, sync::Arc};
 
 use mesh_core::Identity;
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::WebPkiSupportedAlgorithms,
     pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime},

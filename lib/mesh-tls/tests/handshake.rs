@@ -33,17 +33,20 @@ fn handshake(
         let mut buf = Vec::new();
         c.write_tls(&mut buf).unwrap();
         s.read_tls(&mut buf.as_slice()).unwrap();
-        s.process_new_packets().map_err(|e| format!("server: {e}"))?;
+        s.process_new_packets()
+            .map_err(|e| format!("server: {e}"))?;
         let mut buf = Vec::new();
         s.write_tls(&mut buf).unwrap();
         c.read_tls(&mut buf.as_slice()).unwrap();
-        c.process_new_packets().map_err(|e| format!("client: {e}"))?;
+        c.process_new_packets()
+            .map_err(|e| format!("client: {e}"))?;
         if !c.is_handshaking() && !s.is_handshaking() {
             // Flush the client's final flight so the server sees the client certificate.
             let mut buf = Vec::new();
             c.write_tls(&mut buf).unwrap();
             s.read_tls(&mut buf.as_slice()).unwrap();
-            s.process_new_packets().map_err(|e| format!("server: {e}"))?;
+            s.process_new_packets()
+                .map_err(|e| format!("server: {e}"))?;
             assert_eq!(c.alpn_protocol(), Some(&b"h2"[..]));
             assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
             return Ok(verify::peer_identity(s.peer_certificates(), &policy));
@@ -79,14 +82,20 @@ fn client_refuses_server_with_wrong_identity() {
         TrustPolicy::new("cluster.local"),
     )
     .unwrap_err();
-    assert!(err.contains("not the destination's expected identity"), "{err}");
+    assert!(
+        err.contains("not the destination's expected identity"),
+        "{err}"
+    );
 }
 
 #[test]
 fn server_refuses_client_of_foreign_trust_domain() {
     let ca = LocalCa::generate("cluster.local").unwrap();
     let foreign = ca
-        .issue(&id("spiffe://evil.org/ns/bar/sa/sleep"), Duration::from_secs(3600))
+        .issue(
+            &id("spiffe://evil.org/ns/bar/sa/sleep"),
+            Duration::from_secs(3600),
+        )
         .unwrap();
     let (_, s) = pair(&ca);
     let err = handshake(&foreign, &s, SERVER, TrustPolicy::new("cluster.local")).unwrap_err();
@@ -127,7 +136,9 @@ fn expired_certificates_are_refused() {
     let ca = LocalCa::generate("cluster.local").unwrap();
     let (c, _) = pair(&ca);
     let old = SystemTime::now() - Duration::from_secs(7200);
-    let expired = ca.issue_at(&id(SERVER), old, Duration::from_secs(60)).unwrap();
+    let expired = ca
+        .issue_at(&id(SERVER), old, Duration::from_secs(60))
+        .unwrap();
     assert!(expired.is_expired_at(SystemTime::now()));
     let err = handshake(&c, &expired, SERVER, TrustPolicy::new("cluster.local")).unwrap_err();
     assert!(err.contains("client") && err.contains("Expired"), "{err}");

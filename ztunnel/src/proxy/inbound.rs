@@ -62,24 +62,26 @@ async fn connection(
     let dst_w = pi
         .local_workload(local.ip())
         .ok_or(Error::UnknownDestination(local))?;
-    let dst_id = dst_w
-        .identity()
-        .map_err(|e| Error::Route(super::route::RouteError::BadIdentity {
+    let dst_id = dst_w.identity().map_err(|e| {
+        Error::Route(super::route::RouteError::BadIdentity {
             uid: dst_w.uid.clone(),
             reason: e.to_string(),
-        }))?;
+        })
+    })?;
     let cfg = pi.secrets.server_config(&dst_id).await?;
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(tcp)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(source)) => return Err(Error::Handshake { peer, source }),
-        Err(_) => {
-            return Err(Error::Handshake {
-                peer,
-                source: std::io::ErrorKind::TimedOut.into(),
-            });
-        }
-    };
-    let src_id = mesh_tls::verify::peer_identity(tls.get_ref().1.peer_certificates(), pi.secrets.trust());
+    let tls =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(tcp)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(source)) => return Err(Error::Handshake { peer, source }),
+            Err(_) => {
+                return Err(Error::Handshake {
+                    peer,
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+        };
+    let src_id =
+        mesh_tls::verify::peer_identity(tls.get_ref().1.peer_certificates(), pi.secrets.trust());
     debug!(client = ?src_id, workload = %dst_w.uid, "hbone connection established");
     let handler_pi = pi.clone();
     let handler_drain = drain.clone();
@@ -111,7 +113,9 @@ async fn stream(
     src_id: Option<mesh_core::Identity>,
 ) {
     let dst = inc.dst;
-    let src_w = pi.state.read(|s| s.workload_by_ip("", super::canonical_ip(peer.ip())));
+    let src_w = pi
+        .state
+        .read(|s| s.workload_by_ip("", super::canonical_ip(peer.ip())));
     let result = ConnectionResult::new(
         pi.metrics.clone(),
         Direction::Inbound,
@@ -128,10 +132,14 @@ async fn stream(
     );
     if !dst_w.workload_ips.contains(&super::canonical_ip(dst.ip())) {
         inc.reject(StatusCode::BAD_REQUEST);
-        result.finish(0, 0, Outcome::Error(format!(
-            "CONNECT to {dst}, which is not workload {} this connection was authenticated for",
-            dst_w.uid
-        )));
+        result.finish(
+            0,
+            0,
+            Outcome::Error(format!(
+                "CONNECT to {dst}, which is not workload {} this connection was authenticated for",
+                dst_w.uid
+            )),
+        );
         return;
     }
     if let Some(svc) = pi.state.read(|s| s.services_of(dst_w)).into_iter().next() {
@@ -140,10 +148,14 @@ async fn stream(
     let decision = pi.authorize(dst_w, peer, dst, src_id);
     if !decision.allowed {
         inc.reject(StatusCode::UNAUTHORIZED);
-        result.finish(0, 0, Outcome::Denied {
-            policy: decision.policy,
-            reason: decision.reason.to_owned(),
-        });
+        result.finish(
+            0,
+            0,
+            Outcome::Denied {
+                policy: decision.policy,
+                reason: decision.reason.to_owned(),
+            },
+        );
         return;
     }
     let source = if pi.cfg.preserve_source_ip {
@@ -160,12 +172,20 @@ async fn stream(
         Ok(Ok(a)) => a,
         Ok(Err(source)) => {
             inc.reject(StatusCode::SERVICE_UNAVAILABLE);
-            result.finish(0, 0, Outcome::Error(Error::Connect { addr: dst, source }.to_string()));
+            result.finish(
+                0,
+                0,
+                Outcome::Error(Error::Connect { addr: dst, source }.to_string()),
+            );
             return;
         }
         Err(_) => {
             inc.reject(StatusCode::SERVICE_UNAVAILABLE);
-            result.finish(0, 0, Outcome::Error(format!("connecting to {dst}: timed out")));
+            result.finish(
+                0,
+                0,
+                Outcome::Error(format!("connecting to {dst}: timed out")),
+            );
             return;
         }
     };

@@ -43,7 +43,9 @@ async fn proxy(pi: &ProxyInputs, mut tcp: TcpStream, peer: SocketAddr) {
         Direction::Inbound,
         ConnInfo {
             src_addr: Some(peer),
-            src_workload: pi.state.read(|s| s.workload_by_ip("", super::canonical_ip(peer.ip()))),
+            src_workload: pi
+                .state
+                .read(|s| s.workload_by_ip("", super::canonical_ip(peer.ip()))),
             ..Default::default()
         },
     );
@@ -53,7 +55,11 @@ async fn proxy(pi: &ProxyInputs, mut tcp: TcpStream, peer: SocketAddr) {
     };
     result.update(|i| i.dst_addr = Some(dst));
     let Some(dst_w) = pi.local_workload(dst.ip()) else {
-        return result.finish(0, 0, Outcome::Error(Error::UnknownDestination(dst).to_string()));
+        return result.finish(
+            0,
+            0,
+            Outcome::Error(Error::UnknownDestination(dst).to_string()),
+        );
     };
     result.update(|i| {
         i.dst_workload = Some(dst_w.clone());
@@ -61,10 +67,14 @@ async fn proxy(pi: &ProxyInputs, mut tcp: TcpStream, peer: SocketAddr) {
     });
     let decision = pi.authorize(&dst_w, peer, dst, None);
     if !decision.allowed {
-        return result.finish(0, 0, Outcome::Denied {
-            policy: decision.policy,
-            reason: decision.reason.to_owned(),
-        });
+        return result.finish(
+            0,
+            0,
+            Outcome::Denied {
+                policy: decision.policy,
+                reason: decision.reason.to_owned(),
+            },
+        );
     }
     let source = if pi.cfg.preserve_source_ip {
         super::Source::Transparent(peer.ip())
@@ -74,7 +84,11 @@ async fn proxy(pi: &ProxyInputs, mut tcp: TcpStream, peer: SocketAddr) {
     let mut app = match super::connect(dst, pi.cfg.packet_mark, source).await {
         Ok(a) => a,
         Err(source) => {
-            return result.finish(0, 0, Outcome::Error(Error::Connect { addr: dst, source }.to_string()));
+            return result.finish(
+                0,
+                0,
+                Outcome::Error(Error::Connect { addr: dst, source }.to_string()),
+            );
         }
     };
     result.opened();

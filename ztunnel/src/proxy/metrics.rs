@@ -148,7 +148,9 @@ impl ConnInfo {
             source_canonical_service: or_unknown(sw.map(|w| w.canonical_service())),
             source_canonical_revision: or_unknown(sw.map(|w| w.canonical_revision())),
             source_workload_namespace: or_unknown(sw.map(|w| w.namespace.as_str())),
-            source_principal: or_unknown(self.src_identity.as_ref().map(|i| i.to_string()).as_deref()),
+            source_principal: or_unknown(
+                self.src_identity.as_ref().map(|i| i.to_string()).as_deref(),
+            ),
             source_app: or_unknown(sw.map(|w| w.canonical_service())),
             source_version: or_unknown(sw.map(|w| w.canonical_revision())),
             source_cluster: or_unknown(sw.map(|w| w.cluster_id.as_str())),
@@ -159,7 +161,9 @@ impl ConnInfo {
             destination_canonical_service: or_unknown(dw.map(|w| w.canonical_service())),
             destination_canonical_revision: or_unknown(dw.map(|w| w.canonical_revision())),
             destination_workload_namespace: or_unknown(dw.map(|w| w.namespace.as_str())),
-            destination_principal: or_unknown(self.dst_identity.as_ref().map(|i| i.to_string()).as_deref()),
+            destination_principal: or_unknown(
+                self.dst_identity.as_ref().map(|i| i.to_string()).as_deref(),
+            ),
             destination_app: or_unknown(dw.map(|w| w.canonical_service())),
             destination_version: or_unknown(dw.map(|w| w.canonical_revision())),
             destination_cluster: or_unknown(dw.map(|w| w.cluster_id.as_str())),
@@ -179,7 +183,10 @@ impl ConnInfo {
 pub enum Outcome {
     Ok,
     /// Refused by authorization; names the deciding policy when one decided.
-    Denied { policy: Option<String>, reason: String },
+    Denied {
+        policy: Option<String>,
+        reason: String,
+    },
     Error(String),
 }
 
@@ -218,14 +225,23 @@ impl ConnectionResult {
 
     /// Updates what is known about the connection.
     pub fn update(&self, f: impl FnOnce(&mut ConnInfo)) {
-        if let Some(p) = self.state.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(p) = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             f(&mut p.info);
         }
     }
 
     /// Marks the connection as established (counts it as opened).
     pub fn opened(&self) {
-        if let Some(p) = self.state.lock().unwrap_or_else(|e| e.into_inner()).as_mut()
+        if let Some(p) = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
             && p.opened_labels.is_none()
         {
             let l = p.info.labels(self.reporter);
@@ -246,7 +262,10 @@ impl ConnectionResult {
             l
         });
         self.metrics.closed.get_or_create(&labels).inc();
-        self.metrics.received.get_or_create(&labels).inc_by(received);
+        self.metrics
+            .received
+            .get_or_create(&labels)
+            .inc_by(received);
         self.metrics.sent.get_or_create(&labels).inc_by(sent);
         self.log(&p.info, received, sent, &outcome);
     }
@@ -255,8 +274,13 @@ impl ConnectionResult {
         let d = |v: &Option<SocketAddr>| v.map(|a| a.to_string()).unwrap_or_default();
         let id = |v: &Option<Identity>| v.as_ref().map(|a| a.to_string()).unwrap_or_default();
         let wl = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.name.clone()).unwrap_or_default();
-        let ns = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.namespace.clone()).unwrap_or_default();
-        let svc = i.dst_service.as_ref().map(|s| s.hostname.clone()).unwrap_or_default();
+        let ns =
+            |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.namespace.clone()).unwrap_or_default();
+        let svc = i
+            .dst_service
+            .as_ref()
+            .map(|s| s.hostname.clone())
+            .unwrap_or_default();
         let duration_ms = self.start.elapsed().as_millis() as u64;
         match outcome {
             Outcome::Ok => info!(
@@ -292,6 +316,10 @@ impl ConnectionResult {
 
 impl Drop for ConnectionResult {
     fn drop(&mut self) {
-        self.finish(0, 0, Outcome::Error("connection closed by drain or cancellation".into()));
+        self.finish(
+            0,
+            0,
+            Outcome::Error("connection closed by drain or cancellation".into()),
+        );
     }
 }

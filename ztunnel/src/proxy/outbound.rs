@@ -36,15 +36,31 @@ pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatc
                 let dst = match super::original_dst(&tcp) {
                     Ok(d) => d,
                     Err(e) => {
-                        let r = ConnectionResult::new(pi.metrics.clone(), Direction::Outbound, ConnInfo { src_addr: Some(peer), ..Default::default() });
+                        let r = ConnectionResult::new(
+                            pi.metrics.clone(),
+                            Direction::Outbound,
+                            ConnInfo {
+                                src_addr: Some(peer),
+                                ..Default::default()
+                            },
+                        );
                         r.finish(0, 0, Outcome::Error(Error::OriginalDst(e).to_string()));
                         return;
                     }
                 };
-                if own.is_some_and(|o| o.port() == dst.port() && (o.ip().is_unspecified() || o.ip() == dst.ip()))
-                    && pi.local_workload(dst.ip()).is_none()
+                if own.is_some_and(|o| {
+                    o.port() == dst.port() && (o.ip().is_unspecified() || o.ip() == dst.ip())
+                }) && pi.local_workload(dst.ip()).is_none()
                 {
-                    let r = ConnectionResult::new(pi.metrics.clone(), Direction::Outbound, ConnInfo { src_addr: Some(peer), dst_addr: Some(dst), ..Default::default() });
+                    let r = ConnectionResult::new(
+                        pi.metrics.clone(),
+                        Direction::Outbound,
+                        ConnInfo {
+                            src_addr: Some(peer),
+                            dst_addr: Some(dst),
+                            ..Default::default()
+                        },
+                    );
                     r.finish(0, 0, Outcome::Error(Error::Loop(dst).to_string()));
                     return;
                 }
@@ -65,7 +81,13 @@ pub enum Entry {
 }
 
 /// Proxies one outbound connection from `src` (a local workload) to `dst`.
-pub async fn proxy(pi: &ProxyInputs, tcp: TcpStream, src: SocketAddr, dst: SocketAddr, entry: Entry) {
+pub async fn proxy(
+    pi: &ProxyInputs,
+    tcp: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+    entry: Entry,
+) {
     let result = ConnectionResult::new(
         pi.metrics.clone(),
         Direction::Outbound,
@@ -148,9 +170,9 @@ async fn run_to_open(
         i.src_workload = Some(src_w.clone());
         i.src_identity = Some(src_id.clone());
     });
-    let decided = pi.state.read(|s| {
-        route::route(s, &src_w, dst, &mut |n| rand::random_range(0..n.max(1)))
-    });
+    let decided = pi
+        .state
+        .read(|s| route::route(s, &src_w, dst, &mut |n| rand::random_range(0..n.max(1))));
     match decided? {
         Route::Passthrough {
             dst,
@@ -201,7 +223,11 @@ async fn run_to_open(
             };
             let mark = pi.cfg.packet_mark;
             let connector: Arc<mesh_hbone::client::ConnectFn> = Arc::new(move |addr| {
-                Box::pin(super::connect(addr, mark, super::Source::PreferLocal(src_ip)))
+                Box::pin(super::connect(
+                    addr,
+                    mark,
+                    super::Source::PreferLocal(src_ip),
+                ))
             });
             let t = pi
                 .pool
@@ -211,8 +237,7 @@ async fn run_to_open(
                     connector.as_ref(),
                     req,
                 )
-                .await
-                ?;
+                .await?;
             result.opened();
             Ok(Upstream::Tunnel(t))
         }
@@ -239,7 +264,11 @@ fn baggage(w: &Workload) -> Option<http::HeaderValue> {
         parts.push(format!("k8s.cluster.name={}", w.cluster_id));
     }
     parts.push(format!("k8s.namespace.name={}", w.namespace));
-    parts.push(format!("k8s.{}.name={}", kind.to_lowercase(), w.workload_name()));
+    parts.push(format!(
+        "k8s.{}.name={}",
+        kind.to_lowercase(),
+        w.workload_name()
+    ));
     parts.push(format!("service.name={}", w.canonical_service()));
     parts.push(format!("service.version={}", w.canonical_revision()));
     http::HeaderValue::try_from(parts.join(",")).ok()

@@ -106,7 +106,9 @@ fn pick_endpoint(
         .iter()
         .filter(|e| e.workload.is_healthy() && !e.workload.workload_ips.is_empty())
         .filter_map(|e| match port {
-            Some(p) => svc.target_port(&e.ports, p).map(|t| (e.workload.clone(), t)),
+            Some(p) => svc
+                .target_port(&e.ports, p)
+                .map(|t| (e.workload.clone(), t)),
             None => Some((e.workload.clone(), 0)),
         })
         .collect();
@@ -307,7 +309,10 @@ mod tests {
         }
         let s = State::from_parts(vec![bad], vec![svc(None)], vec![]);
         let err = route(&s, &client(), addr("10.96.0.10:80"), &mut first).unwrap_err();
-        assert!(matches!(err, RouteError::NoHealthyEndpoint { port: 80, .. }));
+        assert!(matches!(
+            err,
+            RouteError::NoHealthyEndpoint { port: 80, .. }
+        ));
         // An unmapped service port has no endpoint either.
         let s = State::from_parts(
             vec![wl("e2", "10.0.2.2", TunnelProtocol::Hbone)],

@@ -147,7 +147,11 @@ pub async fn sink(ip: IpAddr) -> SocketAddr {
 }
 
 /// Connects from `src` through the ztunnel's SOCKS5 listener to `dst`.
-pub async fn socks_connect(socks: SocketAddr, src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+pub async fn socks_connect(
+    socks: SocketAddr,
+    src: IpAddr,
+    dst: SocketAddr,
+) -> std::io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(src, 0))?;
     let mut s = sock.connect(socks).await?;
@@ -155,7 +159,9 @@ pub async fn socks_connect(socks: SocketAddr, src: IpAddr, dst: SocketAddr) -> s
     let mut r = [0u8; 2];
     s.read_exact(&mut r).await?;
     assert_eq!(r, [5, 0]);
-    let IpAddr::V4(v4) = dst.ip() else { panic!("v4 only") };
+    let IpAddr::V4(v4) = dst.ip() else {
+        panic!("v4 only")
+    };
     let mut req = vec![5, 1, 0, 1];
     req.extend_from_slice(&v4.octets());
     req.extend_from_slice(&dst.port().to_be_bytes());
@@ -193,9 +199,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 pub async fn http_req(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     let status = out
@@ -203,7 +211,10 @@ pub async fn http_req(addr: SocketAddr, method: &str, path: &str) -> (u16, Strin
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -211,7 +222,11 @@ pub async fn http_req(addr: SocketAddr, method: &str, path: &str) -> (u16, Strin
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     text.lines()
         .filter(|l| l.starts_with(name) && (l.as_bytes().get(name.len()) == Some(&b'{')))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
