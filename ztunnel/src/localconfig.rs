@@ -73,9 +73,10 @@ struct LocalConfig {
 
 #[derive(Debug, Deserialize)]
 enum Protocol {
-    #[serde(alias = "NONE")]
-    TCP,
-    HBONE,
+    #[serde(rename = "TCP", alias = "NONE")]
+    Tcp,
+    #[serde(rename = "HBONE")]
+    Hbone,
 }
 
 #[derive(Debug, Deserialize)]
@@ -431,7 +432,7 @@ pub fn parse(path: &str, text: &str) -> Result<State, LocalConfigError> {
             workload_ips: w.workload_ips,
             network: w.network,
             protocol: match w.protocol {
-                Some(Protocol::HBONE) => TunnelProtocol::Hbone,
+                Some(Protocol::Hbone) => TunnelProtocol::Hbone,
                 _ => TunnelProtocol::None,
             },
             trust_domain: w.trust_domain,

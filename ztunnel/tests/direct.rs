@@ -1,6 +1,8 @@
 //! Whole ztunnels in-process on loopback: a client workload on node A, a server workload on
 //! node B, traffic through A's SOCKS5 entry → HBONE (mTLS, HTTP/2 CONNECT) → B → the app.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};

@@ -9,6 +9,8 @@
 //! Needs root. Everything created (namespaces, veths, processes) is removed by name/PID on
 //! drop. Without root the tests print a skip notice, unless MESH_REQUIRE_NETNS=1 (CI).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     fs::File,
     io::{Read, Write},

@@ -275,12 +275,6 @@ mod tests {
         }
     }
 
-    fn rule(matches: Vec<Match>) -> Rule {
-        Rule {
-            clauses: vec![matches],
-        }
-    }
-
     const SLEEP: &str = "spiffe://cluster.local/ns/bar/sa/sleep";
 
     #[test_case(Match { principals: vec![StringMatch::Exact("cluster.local/ns/bar/sa/sleep".into())], ..Default::default() }, Some(SLEEP) => true ; "principal exact")]

@@ -1,10 +1,10 @@
 //! HBONE: TCP carried as HTTP/2 `CONNECT` streams inside mutual TLS 1.3, port 15008.
 //!
 //! This crate owns the tunnel itself, shared by ztunnel and the waypoint:
-//! - [`client`]: opens CONNECT streams over pooled HTTP/2 connections, one pool entry per
+//! - [`client`] — opens CONNECT streams over pooled HTTP/2 connections, one pool entry per
 //!   (source identity, destination identity, destination address);
-//! - [`server`]: accepts HTTP/2 connections, validates each CONNECT, hands it to the caller;
-//! - [`relay`]: moves bytes between a TCP socket and an HTTP/2 stream without extra copies.
+//! - [`server`] — accepts HTTP/2 connections, validates each CONNECT, hands it to the caller;
+//! - [`relay`] — moves bytes between a TCP socket and an HTTP/2 stream without extra copies.
 //!
 //! The wire format and its sources in Istio are written down in `docs/hbone.md`.
 

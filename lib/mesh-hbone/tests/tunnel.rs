@@ -1,5 +1,7 @@
 //! Client pool ↔ server over loopback TLS: streams, reuse, half-close, refusals.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_core::Identity;

@@ -2,13 +2,13 @@
 //!
 //! Owns the lifecycle pieces every long-running component needs, so each binary follows the
 //! same bind → ready → drain sequence:
-//! - [`drain`]: a trigger/watcher pair; servers stop accepting on the signal and the process
+//! - [`drain`] — a trigger/watcher pair; servers stop accepting on the signal and the process
 //!   waits for in-flight work up to a deadline;
-//! - [`readiness`]: named tasks that block readiness, so `/healthz/ready` can say what it
+//! - [`readiness`] — named tasks that block readiness, so `/healthz/ready` can say what it
 //!   waits for;
-//! - [`http`]: a tiny HTTP/1 server for admin, metrics and readiness endpoints;
-//! - [`logging`]: tracing setup with a runtime-adjustable filter;
-//! - [`signal`]: SIGTERM/SIGINT.
+//! - [`http`] — a tiny HTTP/1 server for admin, metrics and readiness endpoints;
+//! - [`logging`] — tracing setup with a runtime-adjustable filter;
+//! - [`signal`] — SIGTERM/SIGINT.
 
 pub mod drain;
 pub mod http;

@@ -19,10 +19,6 @@ pub enum CertError {
     NoIdentity,
     #[error("certificate generation failed: {0}")]
     Generate(String),
-    #[error(
-        "certificate identity {got} does not match the identity requested ({want}); check the CA's signing rules"
-    )]
-    IdentityMismatch { want: Identity, got: Identity },
 }
 
 /// A leaf certificate with its private key, intermediates and trust bundle.

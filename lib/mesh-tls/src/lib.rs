@@ -2,10 +2,10 @@
 //!
 //! This crate owns everything about certificates and handshakes so that ztunnel, the waypoint
 //! and istiod-lite make the same trust decisions:
-//! - [`WorkloadCert`]: a workload's key, chain and trust bundle (possibly several roots);
-//! - [`verify`]: the client side checks the server's SAN against the identities expected for
+//! - [`WorkloadCert`] — a workload's key, chain and trust bundle (possibly several roots);
+//! - [`verify`] — the client side checks the server's SAN against the identities expected for
 //!   the destination; the server side accepts any identity of its trust domain(s);
-//! - [`ca`]: a local CA (development, tests) and CSR building/signing shared with istiod-lite.
+//! - [`ca`] — a local CA (development, tests) and CSR building/signing shared with istiod-lite.
 //!
 //! One crypto backend: aws-lc-rs, chosen for speed (AES-GCM record layer ≈2× ring here, see
 //! `shared/reference/performance.md` §2.1). Suites are AES-128-GCM then AES-256-GCM (both

@@ -1,5 +1,7 @@
 //! In-memory TLS handshakes between our client and server configs: who is accepted, who is not.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     sync::Arc,
     time::{Duration, SystemTime},

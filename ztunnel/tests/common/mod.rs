@@ -1,7 +1,7 @@
 //! Test harness: ztunnels, echo apps and clients on loopback, each test in its own
 //! 127.N.0.0/24 block so tests run in parallel without port clashes on :15008.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -50,7 +50,13 @@ impl Mesh {
     }
 
     /// Starts a ztunnel for `node`, with its HBONE listener on `ip:15008`.
-    pub async fn ztunnel(&self, config: &PathBuf, node: &str, ip: IpAddr, extra: &[&str]) -> Bound {
+    pub async fn ztunnel(
+        &self,
+        config: &std::path::Path,
+        node: &str,
+        ip: IpAddr,
+        extra: &[&str],
+    ) -> Bound {
         let mut args: Vec<String> = vec![
             "ztunnel".into(),
             "--local-xds-path".into(),
