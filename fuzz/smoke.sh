@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a short time (FUZZ_SECONDS, default 20) from a seed corpus.
-# Installs cargo-fuzz if missing. Uses a nightly toolchain when one is installed, else the
-# pinned stable compiler with RUSTC_BOOTSTRAP (cargo-fuzz needs -Z sanitizer flags).
+# Installs cargo-fuzz if missing. Builds with the pinned toolchain (rust-toolchain.toml) and
+# RUSTC_BOOTSTRAP=1, because cargo-fuzz passes -Z sanitizer flags and no other toolchain can
+# be assumed on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")"
 SECS=${FUZZ_SECONDS:-20}
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
-if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
-  FUZZ=(cargo +nightly fuzz)
-else
-  export RUSTC_BOOTSTRAP=1
-  FUZZ=(cargo fuzz)
-fi
+export RUSTC_BOOTSTRAP=1
+FUZZ=(cargo fuzz)
 mkdir -p corpus/connect_request corpus/local_config
 printf '\x00127.0.0.1:80' > corpus/connect_request/v4
 printf '\x00[fd00::1]:8080' > corpus/connect_request/v6

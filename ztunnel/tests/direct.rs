@@ -355,3 +355,65 @@ async fn drain_lets_open_connections_finish_and_refuses_new_ones() {
     );
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_connect_requests_get_clear_statuses_and_leave_others_unaffected() {
+    let t = two(23, false, "[]").await;
+    let dir = t.m.ca_dir();
+    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+    let ca = mesh_tls::ca::LocalCa::from_pem(
+        &read("ca-key.pem"),
+        &read("ca-cert.pem"),
+        &read("cert-chain.pem"),
+        &read("root-cert.pem"),
+    )
+    .unwrap();
+    let me: mesh_core::Identity = CLIENT_ID.parse().unwrap();
+    let server: mesh_core::Identity = "spiffe://cluster.local/ns/foo/sa/echo".parse().unwrap();
+    let cert = ca.issue(&me, Duration::from_secs(600)).unwrap();
+    let pool = mesh_hbone::Pool::new(Default::default());
+    let hbone = SocketAddr::new(t.m.ip(3), 15008);
+    let open = |uri: String| {
+        let pool = pool.clone();
+        let cert = cert.clone();
+        let (me, server) = (me.clone(), server.clone());
+        async move {
+            let req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(uri)
+                .body(())
+                .unwrap();
+            let key = mesh_hbone::PoolKey {
+                src: me,
+                dst_identity: server.clone(),
+                dst: hbone,
+                scope: 0,
+            };
+            pool.connect(
+                key,
+                move || mesh_tls::client_config(&cert, vec![server]),
+                mesh_hbone::client::default_connector().as_ref(),
+                req,
+            )
+            .await
+        }
+    };
+    let status = |r: Result<mesh_hbone::Tunnel, mesh_hbone::Error>| match r {
+        Err(mesh_hbone::Error::Refused { status, .. }) => status.as_u16(),
+        Ok(_) => 200,
+        Err(e) => panic!("unexpected {e}"),
+    };
+    // A hostname is not an IP:port.
+    assert_eq!(
+        status(open("echo.foo.svc.cluster.local:80".into()).await),
+        400
+    );
+    // The client's own workload is not the workload this connection authenticated.
+    assert_eq!(status(open(format!("{}:80", t.m.ip(2))).await), 400);
+    // Nothing listens on that port of the right workload.
+    assert_eq!(status(open(format!("{}:1", t.m.ip(3))).await), 503);
+    // The same HBONE connection still carries good streams.
+    assert_eq!(status(open(t.app.to_string()).await), 200);
+    assert_eq!(pool.connections_opened(), 1);
+    assert_eq!(t.send(t.vip(), b"fine").await.unwrap(), b"fine");
+}
