@@ -21,19 +21,22 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::{
     admin,
-    config::Config,
+    config::{Config, ProxyMode},
     identity::{LocalCaProvider, SecretManager},
+    inpod::manager::WorkloadManager,
     localconfig,
-    proxy::{self, ProxyInputs, metrics::Metrics},
+    proxy::{self, DefaultSocketFactory, ProxyInputs, SocketFactory, metrics::Metrics},
     state::StateStore,
 };
 
 /// The addresses actually bound.
 #[derive(Debug, Clone, Copy)]
 pub struct Addresses {
-    pub outbound: SocketAddr,
-    pub inbound_plaintext: SocketAddr,
-    pub inbound: SocketAddr,
+    /// The capture listeners in ztunnel's own netns (dedicated mode only; in shared mode
+    /// they live inside each pod).
+    pub outbound: Option<SocketAddr>,
+    pub inbound_plaintext: Option<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub stats: SocketAddr,
     pub readiness: SocketAddr,
@@ -96,17 +99,24 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
         ..Default::default()
     });
 
-    let outbound = bind(cfg.outbound_addr, "outbound")?;
-    let inbound_plain = bind(cfg.inbound_plaintext_addr, "inbound plaintext")?;
-    let inbound = bind(cfg.inbound_addr, "HBONE inbound")?;
+    let dedicated = cfg.proxy_mode == ProxyMode::Dedicated;
+    let outbound = dedicated
+        .then(|| bind(cfg.outbound_addr, "outbound"))
+        .transpose()?;
+    let inbound_plain = dedicated
+        .then(|| bind(cfg.inbound_plaintext_addr, "inbound plaintext"))
+        .transpose()?;
+    let inbound = dedicated
+        .then(|| bind(cfg.inbound_addr, "HBONE inbound"))
+        .transpose()?;
     let admin_l = bind(cfg.admin_addr, "admin")?;
     let stats_l = bind(cfg.stats_addr, "metrics")?;
     let ready_l = bind(cfg.readiness_addr, "readiness")?;
     let socks5 = cfg.socks5_addr.map(|a| bind(a, "SOCKS5")).transpose()?;
     let addresses = Addresses {
-        outbound: local_addr(&outbound)?,
-        inbound_plaintext: local_addr(&inbound_plain)?,
-        inbound: local_addr(&inbound)?,
+        outbound: outbound.as_ref().map(local_addr).transpose()?,
+        inbound_plaintext: inbound_plain.as_ref().map(local_addr).transpose()?,
+        inbound: inbound.as_ref().map(local_addr).transpose()?,
         admin: local_addr(&admin_l)?,
         stats: local_addr(&stats_l)?,
         readiness: local_addr(&ready_l)?,
@@ -126,17 +136,32 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
     let (trigger, watcher) = drain::new();
     let (shutdown_tx, shutdown_rx) = tokio::sync::mpsc::channel(1);
 
-    tokio::spawn(proxy::outbound::serve(
-        pi.clone(),
-        outbound,
-        watcher.clone(),
-    ));
-    tokio::spawn(proxy::inbound::serve(pi.clone(), inbound, watcher.clone()));
-    tokio::spawn(proxy::inbound_plain::serve(
-        pi.clone(),
-        inbound_plain,
-        watcher.clone(),
-    ));
+    let own: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
+    if let (Some(o), Some(i), Some(p)) = (outbound, inbound, inbound_plain) {
+        tokio::spawn(proxy::outbound::serve(
+            pi.clone(),
+            o,
+            watcher.clone(),
+            own.clone(),
+        ));
+        tokio::spawn(proxy::inbound::serve(
+            pi.clone(),
+            i,
+            watcher.clone(),
+            own.clone(),
+        ));
+        tokio::spawn(proxy::inbound_plain::serve(
+            pi.clone(),
+            p,
+            watcher.clone(),
+            own,
+        ));
+    }
+    if cfg.proxy_mode == ProxyMode::Shared {
+        let manager = WorkloadManager::new(pi.clone(), cfg.inpod_uds.clone(), ready.clone())
+            .context("starting in-pod mode")?;
+        tokio::spawn(manager.run(watcher.clone()).instrument(info_span!("inpod")));
+    }
     if let Some(l) = socks5 {
         tokio::spawn(proxy::socks5::serve(pi.clone(), l, watcher.clone()));
     }

@@ -17,6 +17,9 @@ pub enum ProxyMode {
     /// One ztunnel inside one network namespace whose traffic iptables REDIRECTs to it.
     /// It serves every workload of the configuration whose IP is local (or on its node).
     Dedicated,
+    /// One ztunnel per node serving every enrolled pod from inside the pod's own network
+    /// namespace; the CNI node agent hands the namespaces over ZDS (INPOD_UDS).
+    Shared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -63,6 +66,14 @@ pub struct Args {
     /// Capture mode.
     #[arg(long, env = "PROXY_MODE", value_enum, default_value = "dedicated")]
     pub proxy_mode: ProxyMode,
+
+    /// ZDS socket of the CNI node agent (shared mode).
+    #[arg(
+        long,
+        env = "INPOD_UDS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
+    pub inpod_uds: PathBuf,
 
     /// Workloads, services and policies from a file in Istio ztunnel's LOCAL_XDS_PATH format.
     #[arg(long, env = "LOCAL_XDS_PATH")]
@@ -151,6 +162,7 @@ pub struct Args {
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub proxy_mode: ProxyMode,
+    pub inpod_uds: PathBuf,
     pub local_xds_path: PathBuf,
     pub local_ca_dir: PathBuf,
     #[serde(serialize_with = "ser_duration")]
@@ -191,6 +203,7 @@ impl Args {
         let mut errs = Vec::new();
         let Args {
             proxy_mode,
+            inpod_uds,
             local_xds_path,
             local_ca_dir,
             local_ca_cert_ttl,
@@ -247,6 +260,17 @@ impl Args {
         if log_level.trim().is_empty() {
             errs.push("RUST_LOG is empty (use e.g. info)".to_owned());
         }
+        if proxy_mode == ProxyMode::Shared && node_name.is_none() {
+            errs.push(
+                "PROXY_MODE=shared needs NODE_NAME: it serves the pods of its node".to_owned(),
+            );
+        }
+        if proxy_mode == ProxyMode::Shared && packet_mark == 0 {
+            errs.push(
+                "PROXY_MODE=shared needs PACKET_MARK: in-pod capture rules skip marked sockets"
+                    .to_owned(),
+            );
+        }
         let (Some(local_xds_path), Some(local_ca_dir)) = (local_xds_path, local_ca_dir) else {
             return Err(ConfigError(errs));
         };
@@ -255,6 +279,7 @@ impl Args {
         }
         Ok(Config {
             proxy_mode,
+            inpod_uds,
             local_xds_path,
             local_ca_dir,
             local_ca_cert_ttl,
@@ -319,6 +344,25 @@ mod tests {
         ] {
             assert!(err.contains(want), "missing {want} in {err}");
         }
+    }
+
+    #[test]
+    fn shared_mode_needs_node_and_mark() {
+        let err = args(&[
+            "--local-xds-path",
+            "w.yaml",
+            "--local-ca-dir",
+            "ca",
+            "--proxy-mode",
+            "shared",
+            "--packet-mark",
+            "0",
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("NODE_NAME") && err.contains("PACKET_MARK"),
+            "{err}"
+        );
     }
 
     #[test_case("500ms" => Ok(Duration::from_millis(500)))]

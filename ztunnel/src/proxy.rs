@@ -129,28 +129,9 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Binds a listener; an IPv6 wildcard falls back to IPv4 where IPv6 is unavailable.
+/// Binds a listener in ztunnel's own network namespace.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let try_bind = |a: SocketAddr| -> io::Result<TcpListener> {
-        let s = if a.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        s.set_reuseaddr(true)?;
-        s.bind(a)?;
-        s.listen(1024)
-    };
-    match try_bind(addr) {
-        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
-            tracing::debug!(error = %e, %addr, "IPv6 wildcard unavailable, binding IPv4");
-            try_bind(SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                addr.port(),
-            ))
-        }
-        r => r,
-    }
+    bind_with(&DefaultSocketFactory, addr, false)
 }
 
 /// The original destination of a redirected connection (`SO_ORIGINAL_DST`).
@@ -180,19 +161,94 @@ pub enum Source {
     Transparent(IpAddr),
 }
 
+/// Creates the sockets of one proxy: in ztunnel's own network namespace (dedicated mode),
+/// or inside a pod's (shared mode), so connections leave from the pod's own address.
+pub trait SocketFactory: Send + Sync + 'static {
+    /// A new non-blocking TCP socket.
+    fn tcp_socket(&self, domain: socket2::Domain) -> io::Result<socket2::Socket>;
+    /// Identifies the namespace, to keep pooled connections of different pods apart.
+    fn scope(&self) -> u64;
+}
+
+/// Sockets in ztunnel's own network namespace.
+#[derive(Debug, Default)]
+pub struct DefaultSocketFactory;
+
+impl SocketFactory for DefaultSocketFactory {
+    fn tcp_socket(&self, domain: socket2::Domain) -> io::Result<socket2::Socket> {
+        new_tcp_socket(domain)
+    }
+
+    fn scope(&self) -> u64 {
+        0
+    }
+}
+
+/// A non-blocking TCP socket in the calling thread's network namespace.
+pub fn new_tcp_socket(domain: socket2::Domain) -> io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// Binds a listener through a socket factory (IPv6 wildcard falls back to IPv4).
+pub fn bind_with(
+    sf: &dyn SocketFactory,
+    addr: SocketAddr,
+    reuse_port: bool,
+) -> io::Result<TcpListener> {
+    let try_bind = |a: SocketAddr| -> io::Result<TcpListener> {
+        let domain = if a.is_ipv4() {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
+        let s = sf.tcp_socket(domain)?;
+        s.set_reuse_address(true)?;
+        if reuse_port {
+            s.set_reuse_port(true)?;
+        }
+        s.bind(&a.into())?;
+        s.listen(1024)?;
+        TcpListener::from_std(s.into())
+    };
+    match try_bind(addr) {
+        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+            tracing::debug!(error = %e, %addr, "IPv6 wildcard unavailable, binding IPv4");
+            try_bind(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                addr.port(),
+            ))
+        }
+        r => r,
+    }
+}
+
 /// Opens a TCP connection with ztunnel's mark and the requested source address.
-pub async fn connect(dst: SocketAddr, mark: Option<u32>, source: Source) -> io::Result<TcpStream> {
+pub async fn connect(
+    sf: &dyn SocketFactory,
+    dst: SocketAddr,
+    mark: Option<u32>,
+    source: Source,
+) -> io::Result<TcpStream> {
     match source {
-        Source::PreferLocal(ip) => match connect_from(dst, mark, Some(ip), false).await {
-            Err(e) if e.raw_os_error() == Some(99) => connect_from(dst, mark, None, false).await,
+        Source::PreferLocal(ip) => match connect_from(sf, dst, mark, Some(ip), false).await {
+            Err(e) if e.raw_os_error() == Some(99) => {
+                connect_from(sf, dst, mark, None, false).await
+            }
             r => r,
         },
-        Source::Transparent(ip) => connect_from(dst, mark, Some(ip), true).await,
-        Source::Any => connect_from(dst, mark, None, false).await,
+        // A pod calling itself needs no spoofing.
+        Source::Transparent(ip) if canonical_ip(ip) == canonical_ip(dst.ip()) => {
+            connect_from(sf, dst, mark, None, false).await
+        }
+        Source::Transparent(ip) => connect_from(sf, dst, mark, Some(ip), true).await,
+        Source::Any => connect_from(sf, dst, mark, None, false).await,
     }
 }
 
 async fn connect_from(
+    sf: &dyn SocketFactory,
     dst: SocketAddr,
     mark: Option<u32>,
     src: Option<IpAddr>,
@@ -203,8 +259,7 @@ async fn connect_from(
     } else {
         socket2::Domain::IPV6
     };
-    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    s.set_nonblocking(true)?;
+    let s = sf.tcp_socket(domain)?;
     if let Some(m) = mark {
         s.set_mark(m)?;
     }

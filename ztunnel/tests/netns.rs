@@ -80,27 +80,29 @@ impl Drop for Lab {
     }
 }
 
+/// Istio's in-pod redirection rules (redirection-cni.md §1.2, without DNS capture), used for
+/// both modes: in dedicated mode ztunnel runs in the same netns and its sockets carry the
+/// mark 0x539, exactly like its in-pod sockets do in shared mode.
 const CAPTURE_RULES: &str = "\
-*nat
-:ZT_OUTPUT - [0:0]
-:ZT_PRERT - [0:0]
--A OUTPUT -j ZT_OUTPUT
--A PREROUTING -j ZT_PRERT
--A ZT_OUTPUT -m mark --mark 0x539/0xfff -j RETURN
--A ZT_OUTPUT -d 127.0.0.0/8 -j RETURN
--A ZT_OUTPUT -p tcp -j REDIRECT --to-ports 15001
--A ZT_PRERT -p tcp --dport 15008 -j RETURN
--A ZT_PRERT -m mark --mark 0x539/0xfff -j RETURN
--A ZT_PRERT -i lo -j RETURN
--A ZT_PRERT -p tcp -j REDIRECT --to-ports 15006
-COMMIT
 *mangle
-:ZT_PRERT - [0:0]
-:ZT_OUTPUT - [0:0]
--A PREROUTING -j ZT_PRERT
--A OUTPUT -j ZT_OUTPUT
--A ZT_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
--A ZT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+:ISTIO_PRERT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
+-A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+*nat
+:ISTIO_PRERT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A OUTPUT -j ISTIO_OUTPUT
+-A PREROUTING -j ISTIO_PRERT
+-A ISTIO_PRERT -s 169.254.7.127 -p tcp -m tcp -j ACCEPT
+-A ISTIO_OUTPUT -d 169.254.7.127 -p tcp -m tcp -j ACCEPT
+-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
 COMMIT
 ";
 

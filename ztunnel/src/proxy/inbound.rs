@@ -18,14 +18,19 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
-    Error, ProxyInputs,
+    Error, ProxyInputs, SocketFactory,
     metrics::{ConnInfo, ConnectionResult, Direction, Outcome},
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the HBONE listener until the drain starts.
-pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatcher) {
+pub async fn serve(
+    pi: Arc<ProxyInputs>,
+    listener: TcpListener,
+    drain: DrainWatcher,
+    sf: Arc<dyn SocketFactory>,
+) {
     info!(address = ?listener.local_addr().ok(), component = "inbound", "listener established");
     loop {
         let (tcp, peer) = tokio::select! {
@@ -37,9 +42,10 @@ pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatc
         };
         let pi = pi.clone();
         let drain = drain.clone();
+        let sf = sf.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = connection(pi, tcp, peer, drain).await {
+                if let Err(e) = connection(pi, tcp, peer, drain, sf).await {
                     warn!(error = %e, "inbound connection failed");
                 }
             }
@@ -53,6 +59,7 @@ async fn connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     drain: DrainWatcher,
+    sf: Arc<dyn SocketFactory>,
 ) -> Result<(), Error> {
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr()?;
@@ -94,9 +101,10 @@ async fn connection(
             let dst_w = dst_w.clone();
             let src_id = src_id.clone();
             let hold = handler_drain.clone();
+            let sf = sf.clone();
             async move {
                 let _hold = hold;
-                stream(&pi, inc, peer, &dst_w, src_id).await;
+                stream(&pi, inc, peer, &dst_w, src_id, sf.as_ref()).await;
             }
         },
         drain.signaled(),
@@ -111,6 +119,7 @@ async fn stream(
     peer: SocketAddr,
     dst_w: &Arc<mesh_core::workload::Workload>,
     src_id: Option<mesh_core::Identity>,
+    sf: &dyn SocketFactory,
 ) {
     let dst = inc.dst;
     let src_w = pi
@@ -165,7 +174,7 @@ async fn stream(
     };
     let app = match tokio::time::timeout(
         pi.cfg.connect_timeout,
-        super::connect(dst, pi.cfg.packet_mark, source),
+        super::connect(sf, dst, pi.cfg.packet_mark, source),
     )
     .await
     {

@@ -10,12 +10,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span};
 
 use super::{
-    Error, ProxyInputs,
+    Error, ProxyInputs, SocketFactory,
     metrics::{ConnInfo, ConnectionResult, Direction, Outcome},
 };
 
 /// Serves the plaintext capture listener until the drain starts.
-pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatcher) {
+pub async fn serve(
+    pi: Arc<ProxyInputs>,
+    listener: TcpListener,
+    drain: DrainWatcher,
+    sf: Arc<dyn SocketFactory>,
+) {
     info!(address = ?listener.local_addr().ok(), component = "inbound_plaintext", "listener established");
     loop {
         let (tcp, peer) = tokio::select! {
@@ -27,17 +32,18 @@ pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatc
         };
         let pi = pi.clone();
         let hold = drain.clone();
+        let sf = sf.clone();
         tokio::spawn(
             async move {
                 let _hold = hold;
-                proxy(&pi, tcp, peer).await;
+                proxy(&pi, tcp, peer, sf.as_ref()).await;
             }
             .instrument(info_span!("inbound_plaintext", peer = %peer)),
         );
     }
 }
 
-async fn proxy(pi: &ProxyInputs, mut tcp: TcpStream, peer: SocketAddr) {
+async fn proxy(pi: &ProxyInputs, mut tcp: TcpStream, peer: SocketAddr, sf: &dyn SocketFactory) {
     let result = ConnectionResult::new(
         pi.metrics.clone(),
         Direction::Inbound,
@@ -81,7 +87,7 @@ async fn proxy(pi: &ProxyInputs, mut tcp: TcpStream, peer: SocketAddr) {
     } else {
         super::Source::Any
     };
-    let mut app = match super::connect(dst, pi.cfg.packet_mark, source).await {
+    let mut app = match super::connect(sf, dst, pi.cfg.packet_mark, source).await {
         Ok(a) => a,
         Err(source) => {
             return result.finish(

@@ -10,13 +10,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span};
 
 use super::{
-    Error, ProxyInputs,
+    Error, ProxyInputs, SocketFactory,
     metrics::{ConnInfo, ConnectionResult, Direction, Outcome},
     route::{self, Route},
 };
 
 /// Serves the outbound capture listener until the drain starts.
-pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatcher) {
+pub async fn serve(
+    pi: Arc<ProxyInputs>,
+    listener: TcpListener,
+    drain: DrainWatcher,
+    sf: Arc<dyn SocketFactory>,
+) {
     let own = listener.local_addr().ok();
     info!(address = ?own, component = "outbound", "listener established");
     loop {
@@ -29,6 +34,7 @@ pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatc
         };
         let pi = pi.clone();
         let hold = drain.clone();
+        let sf = sf.clone();
         tokio::spawn(
             async move {
                 let _hold = hold;
@@ -64,7 +70,7 @@ pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatc
                     r.finish(0, 0, Outcome::Error(Error::Loop(dst).to_string()));
                     return;
                 }
-                proxy(&pi, tcp, peer, dst, Entry::Capture).await;
+                proxy(&pi, tcp, peer, dst, Entry::Capture, sf).await;
             }
             .instrument(info_span!("outbound", src = %peer)),
         );
@@ -87,6 +93,7 @@ pub async fn proxy(
     src: SocketAddr,
     dst: SocketAddr,
     entry: Entry,
+    sf: Arc<dyn SocketFactory>,
 ) {
     let result = ConnectionResult::new(
         pi.metrics.clone(),
@@ -97,7 +104,7 @@ pub async fn proxy(
             ..Default::default()
         },
     );
-    let (rx, tx, outcome) = match run(pi, tcp, src, dst, &result, entry).await {
+    let (rx, tx, outcome) = match run(pi, tcp, src, dst, &result, entry, sf).await {
         Ok((rx, tx)) => (rx, tx, Outcome::Ok),
         Err((rx, tx, e)) => (rx, tx, Outcome::Error(e.to_string())),
     };
@@ -113,8 +120,9 @@ async fn run(
     dst: SocketAddr,
     result: &ConnectionResult,
     entry: Entry,
+    sf: Arc<dyn SocketFactory>,
 ) -> Result<(u64, u64), Failure> {
-    let opened = run_to_open(pi, src, dst, result).await;
+    let opened = run_to_open(pi, src, dst, result, sf).await;
     if entry == Entry::Socks5 {
         let code = match &opened {
             Ok(_) => super::socks5::REP_OK,
@@ -156,6 +164,7 @@ async fn run_to_open(
     src: SocketAddr,
     dst: SocketAddr,
     result: &ConnectionResult,
+    sf: Arc<dyn SocketFactory>,
 ) -> Result<Upstream, Error> {
     let src_w = pi
         .local_workload(src.ip())
@@ -183,7 +192,7 @@ async fn run_to_open(
                 i.dst_workload = workload;
                 i.dst_service = service;
             });
-            let up = super::connect(dst, pi.cfg.packet_mark, super::Source::Any)
+            let up = super::connect(sf.as_ref(), dst, pi.cfg.packet_mark, super::Source::Any)
                 .await
                 .map_err(|source| Error::Connect { addr: dst, source })?;
             result.opened();
@@ -219,15 +228,15 @@ async fn run_to_open(
                 src: src_id,
                 dst_identity: identity.clone(),
                 dst: tunnel,
-                scope: scope_of(src_ip),
+                scope: scope_of(sf.scope(), src_ip),
             };
             let mark = pi.cfg.packet_mark;
             let connector: Arc<mesh_hbone::client::ConnectFn> = Arc::new(move |addr| {
-                Box::pin(super::connect(
-                    addr,
-                    mark,
-                    super::Source::PreferLocal(src_ip),
-                ))
+                let sf = sf.clone();
+                Box::pin(async move {
+                    super::connect(sf.as_ref(), addr, mark, super::Source::PreferLocal(src_ip))
+                        .await
+                })
             });
             let t = pi
                 .pool
@@ -245,10 +254,10 @@ async fn run_to_open(
 }
 
 /// Pool scope for connections leaving from `ip`.
-fn scope_of(ip: std::net::IpAddr) -> u64 {
+fn scope_of(netns: u64, ip: std::net::IpAddr) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    ip.hash(&mut h);
+    (netns, ip).hash(&mut h);
     h.finish()
 }
 

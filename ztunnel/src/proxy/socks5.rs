@@ -57,8 +57,17 @@ pub async fn serve(pi: Arc<ProxyInputs>, listener: TcpListener, drain: DrainWatc
                 let mut tcp = tcp;
                 match handshake(&mut tcp).await {
                     Ok(dst) => {
-                        super::outbound::proxy(&pi, tcp, peer, dst, super::outbound::Entry::Socks5)
-                            .await
+                        let sf: Arc<dyn super::SocketFactory> =
+                            Arc::new(super::DefaultSocketFactory);
+                        super::outbound::proxy(
+                            &pi,
+                            tcp,
+                            peer,
+                            dst,
+                            super::outbound::Entry::Socks5,
+                            sf,
+                        )
+                        .await
                     }
                     Err(e) => debug!(error = %e, "socks5 handshake failed"),
                 }
