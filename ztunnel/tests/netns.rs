@@ -66,6 +66,8 @@ struct Lab {
     net: u8,
     dir: tempfile::TempDir,
     children: Vec<Child>,
+    /// More namespaces a test created (removed on drop).
+    extra_ns: Vec<String>,
 }
 
 impl Drop for Lab {
@@ -74,7 +76,7 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for ns in [&self.a, &self.b] {
+        for ns in [&self.a, &self.b].into_iter().chain(&self.extra_ns) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
@@ -115,6 +117,7 @@ impl Lab {
             net,
             dir: tempfile::tempdir().unwrap(),
             children: Vec::new(),
+            extra_ns: Vec::new(),
         };
         let (va, vb) = (format!("mz{pid}{net}a"), format!("mz{pid}{net}b"));
         let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
@@ -279,20 +282,22 @@ policies: {policies}
     }
 
     fn wait_ready(&self, log: &Path) {
+        self.wait_for(log, "certificates ready");
+    }
+
+    fn wait_for(&self, log: &Path, line: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if std::fs::read_to_string(log)
                 .unwrap_or_default()
-                .contains("certificates ready")
+                .contains(line)
             {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "ztunnel not ready: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        panic!("ztunnel never logged {line:?}: {log}");
     }
 
     /// (packets, bytes) of each rule of `chain` in B, in order.
@@ -475,4 +480,190 @@ fn plaintext_inbound_is_captured_and_strict_policy_refuses_it() {
         log.contains("policy=\"istio-system/istio_converted_static_strict\""),
         "{log}"
     );
+}
+
+mod shared {
+    //! Shared (in-pod) mode: each ztunnel runs in its own netns with no route to the pods,
+    //! and reaches them only through the netns fds a fake node agent sends over ZDS.
+
+    use super::*;
+    use mesh_proto::istio::workload::zds::{
+        AddWorkload, SnapshotSent, WorkloadInfo, WorkloadRequest, WorkloadResponse,
+        workload_request::Payload, workload_response,
+    };
+    use nix::sys::socket::{
+        AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, accept,
+        bind, listen, recv, sendmsg, socket,
+    };
+    use prost::Message;
+    use std::{io::IoSlice, os::fd::AsRawFd};
+
+    fn read_ack(conn: i32) -> String {
+        let mut buf = [0u8; 1024];
+        let n = recv(conn, &mut buf, MsgFlags::empty()).unwrap();
+        match WorkloadResponse::decode(&buf[..n]).unwrap().payload {
+            Some(workload_response::Payload::Ack(a)) => a.error,
+            None => panic!("response without ack"),
+        }
+    }
+
+    /// Plays the CNI node agent for one ztunnel: hello, a malformed packet (must be nacked
+    /// without losing the connection), the pod with its netns fd, then SnapshotSent.
+    /// Returns the errors of the three acks.
+    fn fake_agent(
+        sock: PathBuf,
+        uid: &'static str,
+        pod_ns: String,
+    ) -> std::thread::JoinHandle<Vec<String>> {
+        let l = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(l.as_raw_fd(), &UnixAddr::new(&sock).unwrap()).unwrap();
+        listen(&l, Backlog::new(5).unwrap()).unwrap();
+        std::thread::spawn(move || {
+            let conn = accept(l.as_raw_fd()).unwrap();
+            let mut buf = [0u8; 1024];
+            let n = recv(conn, &mut buf, MsgFlags::empty()).unwrap();
+            assert_eq!(&buf[..n], &[0x08, 0x01], "ZdsHello{{V1}}");
+            let mut acks = Vec::new();
+            sendmsg::<()>(
+                conn,
+                &[IoSlice::new(&[0xff, 0xff])],
+                &[],
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+            acks.push(read_ack(conn));
+            let add = WorkloadRequest {
+                payload: Some(Payload::Add(AddWorkload {
+                    uid: uid.into(),
+                    workload_info: Some(WorkloadInfo {
+                        name: uid.into(),
+                        namespace: "default".into(),
+                        service_account: "default".into(),
+                    }),
+                })),
+            }
+            .encode_to_vec();
+            let netns = File::open(format!("/var/run/netns/{pod_ns}")).unwrap();
+            let fds = [netns.as_raw_fd()];
+            sendmsg::<()>(
+                conn,
+                &[IoSlice::new(&add)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+            acks.push(read_ack(conn));
+            let snap = WorkloadRequest {
+                payload: Some(Payload::SnapshotSent(SnapshotSent {})),
+            }
+            .encode_to_vec();
+            sendmsg::<()>(conn, &[IoSlice::new(&snap)], &[], MsgFlags::empty(), None).unwrap();
+            acks.push(read_ack(conn));
+            // Hold the session open until ztunnel goes away.
+            let _ = recv(conn, &mut buf, MsgFlags::empty());
+            acks
+        })
+    }
+
+    #[test]
+    fn inpod_mode_carries_pod_traffic_over_hbone_from_inside_the_pods() {
+        if !runnable() {
+            return;
+        }
+        let mut lab = Lab::new(233);
+        let mut agents = Vec::new();
+        let mut logs = Vec::new();
+        for (node, pod_ns, uid) in [
+            ("node-a", lab.a.clone(), "uid-a"),
+            ("node-b", lab.b.clone(), "uid-b"),
+        ] {
+            // ztunnel's own netns: loopback only, no link to the pods.
+            let zt_ns = format!("{pod_ns}-zt");
+            sh(&["ip", "netns", "add", &zt_ns]);
+            lab.extra_ns.push(zt_ns.clone());
+            sh(&["ip", "-n", &zt_ns, "link", "set", "lo", "up"]);
+            let sock = lab.dir.path().join(format!("{node}.sock"));
+            agents.push(fake_agent(sock.clone(), uid, pod_ns));
+            let config = lab
+                .config("[]")
+                .replace("uid: bar/sleep", "uid: uid-a")
+                .replace("uid: foo/echo", "uid: uid-b");
+            let cfg = lab.write_config(node, &config);
+            let log = lab.dir.path().join(format!("{node}.log"));
+            let child = Command::new("ip")
+                .args(["netns", "exec", &zt_ns, env!("CARGO_BIN_EXE_ztunnel")])
+                .args([
+                    "--proxy-mode",
+                    "shared",
+                    "--node-name",
+                    node,
+                    "--preserve-source-ip",
+                    "true",
+                ])
+                .arg("--inpod-uds")
+                .arg(&sock)
+                .arg("--local-xds-path")
+                .arg(&cfg)
+                .arg("--local-ca-dir")
+                .arg(lab.dir.path().join("ca"))
+                .env("RUST_LOG", "info")
+                .stdout(File::create(&log).unwrap())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            lab.children.push(child);
+            logs.push(log);
+        }
+        for log in &logs {
+            lab.wait_for(log, "ZDS snapshot applied");
+            lab.wait_for(log, "certificates ready");
+        }
+        let seen = start_echo(&lab, 8080);
+        let dst = SocketAddr::new(lab.ip(2), 8080);
+        let mut data = Vec::new();
+        while data.len() < 256 * 1024 {
+            data.extend_from_slice(MARKER.as_bytes());
+            data.extend((0..100u8).map(|i| i.wrapping_mul(7)));
+        }
+        let got = client(&lab, dst, data.clone(), false).unwrap();
+        assert!(
+            got == data,
+            "bytes corrupted or lost ({} of {})",
+            got.len(),
+            data.len()
+        );
+        assert_eq!(
+            seen.lock().unwrap()[0].ip(),
+            lab.ip(1),
+            "the app sees the client pod's IP"
+        );
+        let input = lab.counters("INPUT");
+        assert_eq!(input[0].0, 0, "app plaintext crossed between the pods");
+        assert!(input[1].1 > data.len() as u64, "tunnel bytes on :15008");
+        assert_eq!(input[3].0, 0, "only :15008 crosses between the pods");
+        let log_b = std::fs::read_to_string(&logs[1]).unwrap();
+        assert!(
+            log_b.contains("src.identity=\"spiffe://cluster.local/ns/bar/sa/sleep\""),
+            "{log_b}"
+        );
+
+        // Stop the ztunnels; each agent saw: malformed → nack, Add → ack, Snapshot → ack.
+        for c in &mut lab.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for a in agents {
+            let acks = a.join().unwrap();
+            assert!(acks[0].contains("not a WorkloadRequest"), "{acks:?}");
+            assert_eq!(&acks[1..], &["", ""], "{acks:?}");
+        }
+    }
 }
