@@ -1,0 +1,1 @@
+//! The CNI plugin and node agent of the mesh.
