@@ -18,5 +18,7 @@ fn main() -> io::Result<()> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // No `connect()` helpers: callers bring their own channel (our TLS, our connector).
+        .build_transport(false)
         .compile_fds(fds)
 }

@@ -246,6 +246,49 @@ impl LocalCa {
     }
 }
 
+/// A TLS server certificate for a control-plane endpoint (istiod's `:15012`), with its key.
+pub struct ServerCert {
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl std::fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCert")
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalCa {
+    /// Issues a server certificate with DNS SANs (e.g. `istiod.istio-system.svc`), as istiod
+    /// serves its gRPC port with a certificate from its own CA.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<ServerCert, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(gen_err)?;
+        params.distinguished_name = DistinguishedName::new();
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = to_offset(now - BACKDATE);
+        params.not_after = to_offset(now + ttl);
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        Ok(ServerCert {
+            chain: self.chain_for(cert.der().clone()),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        })
+    }
+}
+
 /// A key and CSR for `identity`, as a workload sends to the CA.
 pub struct CsrRequest {
     /// PEM `CERTIFICATE REQUEST`.
@@ -317,6 +360,17 @@ mod tests {
             .unwrap();
         assert_eq!(c.chain.len(), 1, "a root-issued leaf is served alone");
         assert_eq!(pem.files().len(), 4);
+    }
+
+    #[test]
+    fn server_certs_carry_dns_names() {
+        let ca = LocalCa::generate("cluster.local").unwrap();
+        let c = ca
+            .issue_server(&["istiod.istio-system.svc".into()], Duration::from_secs(60))
+            .unwrap();
+        let (_, x) = x509_parser::parse_x509_certificate(&c.chain[0]).unwrap();
+        let san = x.subject_alternative_name().unwrap().unwrap();
+        assert!(format!("{:?}", san.value).contains("istiod.istio-system.svc"));
     }
 
     #[test]

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use rustls::crypto::{CryptoProvider, aws_lc_rs};
 
 pub use cert::{CertError, WorkloadCert};
-pub use config::{client_config, server_config};
+pub use config::{
+    client_config, control_plane_client_config, control_plane_server_config, server_config,
+};
 pub use verify::TrustPolicy;
 
 /// The ALPN protocol HBONE negotiates.
