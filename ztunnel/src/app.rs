@@ -1,8 +1,9 @@
 //! Wiring: bind every listener, start every task, and hand back a [`Bound`] app.
 //!
-//! Lifecycle: [`build`] loads the configuration, binds all ports (so tests can use port 0
-//! and read the real addresses), starts the servers and returns; readiness turns green
-//! once the configuration is loaded and every local workload has its certificate.
+//! Lifecycle: [`build`] binds all ports (so tests can use port 0 and read the real
+//! addresses), starts the servers and the configuration source (a local file, or the xDS
+//! client on the admin runtime) and returns; readiness turns green once the first complete
+//! configuration is applied and every local workload has its certificate.
 //! [`Bound::wait_termination`] then waits for SIGTERM (or `/quitquitquit`) and drains.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -21,12 +22,14 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::{
     admin,
-    config::{Config, ProxyMode},
-    identity::{LocalCaProvider, SecretManager},
+    config::{CertSource, Config, ConfigSource, ProxyMode},
+    controlplane::Credentials,
+    identity::{CertProvider, LocalCaProvider, SecretManager, caclient::IstioCaProvider},
     inpod::manager::WorkloadManager,
     localconfig,
     proxy::{self, DefaultSocketFactory, ProxyInputs, SocketFactory, metrics::Metrics},
     state::StateStore,
+    xds::{NodeInfo, XdsClient},
 };
 
 /// The addresses actually bound.
@@ -77,16 +80,34 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
     let config_block = ready.register("config");
     let certs_block = ready.register("certificates");
 
-    let state = StateStore::new(
-        localconfig::load(&cfg.local_xds_path).context("loading the initial configuration")?,
-    );
-    drop(config_block);
+    let credentials = Credentials {
+        token_path: cfg.auth_token_path.clone(),
+        cluster_id: cfg.cluster_id.clone(),
+    };
+    // `synced` turns true once a complete configuration is in the state.
+    let (synced_tx, synced) = tokio::sync::watch::channel(false);
+    let state = match &cfg.config_source {
+        ConfigSource::Local(path) => {
+            let s = StateStore::new(
+                localconfig::load(path).context("loading the initial configuration")?,
+            );
+            synced_tx.send_replace(true);
+            s
+        }
+        ConfigSource::Xds(_) => StateStore::default(),
+    };
 
-    let provider = LocalCaProvider::load(&cfg.local_ca_dir, cfg.local_ca_cert_ttl)?;
+    let provider: Arc<dyn CertProvider> = match &cfg.cert_source {
+        CertSource::LocalCa { dir, ttl } => Arc::new(LocalCaProvider::load(dir, *ttl)?),
+        CertSource::IstioCa { endpoint, ttl } => Arc::new(
+            IstioCaProvider::new(endpoint, credentials.clone(), *ttl)
+                .context("setting up the Istio CA client")?,
+        ),
+    };
     let trust = TrustPolicy {
         trust_domains: cfg.trust_domains.clone(),
     };
-    let secrets = Arc::new(SecretManager::new(Arc::new(provider), trust));
+    let secrets = Arc::new(SecretManager::new(provider, trust));
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -195,8 +216,35 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
         admin_watch,
     ));
 
-    tokio::spawn(prefetch_certificates(pi.clone(), certs_block).instrument(info_span!("prefetch")));
-    tokio::spawn(watch_config(pi.clone(), watcher.clone()).instrument(info_span!("local_config")));
+    match &cfg.config_source {
+        ConfigSource::Local(path) => {
+            tokio::spawn(
+                watch_config(pi.clone(), path.clone(), watcher.clone())
+                    .instrument(info_span!("local_config")),
+            );
+        }
+        ConfigSource::Xds(endpoint) => {
+            let client = XdsClient {
+                endpoint: endpoint.clone(),
+                credentials,
+                node: NodeInfo {
+                    instance_ip: cfg.instance_ip.clone(),
+                    pod_name: cfg.pod_name.clone(),
+                    pod_namespace: cfg.pod_namespace.clone(),
+                    node_name: cfg.node_name.clone().unwrap_or_default(),
+                    cluster_id: cfg.cluster_id.clone(),
+                },
+                state: state.clone(),
+                synced: synced_tx,
+            };
+            // xDS shares the admin runtime, away from the data plane (as Istio's ztunnel).
+            admin_rt.spawn(client.run(watcher.clone()).instrument(info_span!("xds")));
+        }
+    }
+    tokio::spawn(
+        prefetch_certificates(pi.clone(), synced, config_block, certs_block)
+            .instrument(info_span!("prefetch")),
+    );
 
     Ok(Bound {
         addresses,
@@ -208,8 +256,18 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
     })
 }
 
-/// Fetches the certificate of every local workload, then unblocks readiness.
-async fn prefetch_certificates(pi: Arc<ProxyInputs>, block: mesh_rt::readiness::BlockReady) {
+/// Waits for the first complete configuration, then fetches the certificate of every local
+/// workload, then unblocks readiness.
+async fn prefetch_certificates(
+    pi: Arc<ProxyInputs>,
+    mut synced: tokio::sync::watch::Receiver<bool>,
+    config_block: mesh_rt::readiness::BlockReady,
+    block: mesh_rt::readiness::BlockReady,
+) {
+    if synced.wait_for(|s| *s).await.is_err() {
+        return;
+    }
+    drop(config_block);
     let ids: Vec<_> = pi.state.read(|s| {
         s.workloads()
             .filter(|w| pi.is_local(w) && w.protocol == mesh_core::workload::TunnelProtocol::Hbone)
@@ -236,8 +294,7 @@ async fn prefetch_certificates(pi: Arc<ProxyInputs>, block: mesh_rt::readiness::
 }
 
 /// Reloads the local file when it changes; a bad file is logged and the old state kept.
-async fn watch_config(pi: Arc<ProxyInputs>, drain: DrainWatcher) {
-    let path = pi.cfg.local_xds_path.clone();
+async fn watch_config(pi: Arc<ProxyInputs>, path: std::path::PathBuf, drain: DrainWatcher) {
     let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut last = mtime(&path);
     loop {

@@ -89,6 +89,64 @@ pub struct Args {
     #[arg(long, env = "LOCAL_CA_CERT_TTL", value_parser = parse_duration, default_value = "24h")]
     pub local_ca_cert_ttl: Duration,
 
+    /// The control plane's delta xDS endpoint (istiod or istiod-lite), e.g.
+    /// `https://istiod.istio-system.svc:15012`. Mutually exclusive with LOCAL_XDS_PATH.
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+
+    /// Root certificates (PEM) that sign the control plane's serving certificate.
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    pub xds_root_ca: PathBuf,
+
+    /// The name to verify in the control plane's certificate when it differs from the
+    /// address's host (e.g. `istiod.istio-system.svc` when dialling an IP).
+    #[arg(long, env = "ALT_XDS_HOSTNAME")]
+    pub alt_xds_hostname: Option<String>,
+
+    /// The Istio CA endpoint (`IstioCertificateService`); defaults to XDS_ADDRESS.
+    /// Mutually exclusive with LOCAL_CA_DIR.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+
+    /// Root certificates (PEM) that sign the CA's serving certificate; they are also added
+    /// to the trust bundle for peers (root rotation). Defaults to XDS_ROOT_CA.
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root_ca: Option<PathBuf>,
+
+    /// Like ALT_XDS_HOSTNAME, for the CA; defaults to ALT_XDS_HOSTNAME.
+    #[arg(long, env = "ALT_CA_HOSTNAME")]
+    pub alt_ca_hostname: Option<String>,
+
+    /// Projected service-account token (audience istio-ca) sent as `authorization: Bearer`
+    /// to the control plane; re-read on every request so kubelet rotation is picked up.
+    #[arg(
+        long,
+        env = "AUTH_TOKEN_PATH",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub auth_token_path: PathBuf,
+
+    /// Requested lifetime of certificates from the Istio CA.
+    #[arg(long, env = "SECRET_TTL", value_parser = parse_duration, default_value = "24h")]
+    pub secret_ttl: Duration,
+
+    /// Kubernetes cluster id, sent to the control plane (node metadata, `ClusterID` header).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
+    /// This ztunnel pod's own IP, name and namespace: they form the xDS node id
+    /// `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`, as Istio's ztunnel does.
+    #[arg(long, env = "INSTANCE_IP", default_value = "1.1.1.1")]
+    pub instance_ip: String,
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    pub pod_namespace: String,
+
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
 
@@ -158,15 +216,59 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+/// A control-plane endpoint: where to dial and how to trust it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlPlane {
+    /// `http(s)://host:port`, as given.
+    pub address: String,
+    /// `host:port` to dial.
+    pub authority: String,
+    /// The DNS name the server's certificate must carry.
+    pub server_name: String,
+    pub root_ca: PathBuf,
+}
+
+/// Where workloads, services and policies come from.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ConfigSource {
+    /// A file in Istio ztunnel's LOCAL_XDS_PATH format, reloaded when it changes.
+    Local(PathBuf),
+    /// Delta xDS from istiod / istiod-lite.
+    Xds(ControlPlane),
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CertSource {
+    /// A CA directory in Istio's `cacerts` layout, shared by every ztunnel of a dev mesh.
+    LocalCa {
+        dir: PathBuf,
+        #[serde(serialize_with = "ser_duration")]
+        ttl: Duration,
+    },
+    /// Istio's `IstioCertificateService/CreateCertificate`.
+    IstioCa {
+        endpoint: ControlPlane,
+        #[serde(serialize_with = "ser_duration")]
+        ttl: Duration,
+    },
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub proxy_mode: ProxyMode,
     pub inpod_uds: PathBuf,
-    pub local_xds_path: PathBuf,
-    pub local_ca_dir: PathBuf,
-    #[serde(serialize_with = "ser_duration")]
-    pub local_ca_cert_ttl: Duration,
+    pub config_source: ConfigSource,
+    pub cert_source: CertSource,
+    pub auth_token_path: PathBuf,
+    pub cluster_id: String,
+    pub instance_ip: String,
+    pub pod_name: String,
+    pub pod_namespace: String,
     /// Our trust domain first, then aliases.
     pub trust_domains: Vec<String>,
     pub node_name: Option<String>,
@@ -207,6 +309,18 @@ impl Args {
             local_xds_path,
             local_ca_dir,
             local_ca_cert_ttl,
+            xds_address,
+            xds_root_ca,
+            alt_xds_hostname,
+            ca_address,
+            ca_root_ca,
+            alt_ca_hostname,
+            auth_token_path,
+            secret_ttl,
+            cluster_id,
+            instance_ip,
+            pod_name,
+            pod_namespace,
             trust_domain,
             trust_domain_aliases,
             node_name,
@@ -225,17 +339,70 @@ impl Args {
             log_level,
             log_format,
         } = self;
-        if local_xds_path.is_none() {
-            errs.push(
-                "no configuration source: set LOCAL_XDS_PATH (--local-xds-path) to a workload file"
-                    .to_owned(),
-            );
-        }
-        if local_ca_dir.is_none() {
-            errs.push(
-                "no certificate source: set LOCAL_CA_DIR (--local-ca-dir); create one with `meshctl ca create DIR`"
-                    .to_owned(),
-            );
+        let xds = xds_address.as_deref().map(|a| {
+            control_plane("XDS_ADDRESS", a, alt_xds_hostname.as_deref(), &xds_root_ca)
+        });
+        let config_source = match (local_xds_path, xds) {
+            (Some(_), Some(_)) => {
+                errs.push(
+                    "LOCAL_XDS_PATH and XDS_ADDRESS are both set: pick one configuration source"
+                        .to_owned(),
+                );
+                None
+            }
+            (Some(p), None) => Some(ConfigSource::Local(p)),
+            (None, Some(Ok(cp))) => Some(ConfigSource::Xds(cp)),
+            (None, Some(Err(e))) => {
+                errs.push(e);
+                None
+            }
+            (None, None) => {
+                errs.push(
+                    "no configuration source: set XDS_ADDRESS (the control plane) or LOCAL_XDS_PATH (a workload file)"
+                        .to_owned(),
+                );
+                None
+            }
+        };
+        // The CA defaults to the xDS endpoint, as istiod serves both on :15012.
+        let ca = ca_address.as_deref().or(xds_address.as_deref()).map(|a| {
+            control_plane(
+                if ca_address.is_some() { "CA_ADDRESS" } else { "XDS_ADDRESS" },
+                a,
+                alt_ca_hostname.as_deref().or(alt_xds_hostname.as_deref()),
+                ca_root_ca.as_deref().unwrap_or(&xds_root_ca),
+            )
+        });
+        let cert_source = match (local_ca_dir, ca) {
+            (Some(_), Some(_)) if ca_address.is_some() => {
+                errs.push(
+                    "LOCAL_CA_DIR and CA_ADDRESS are both set: pick one certificate source"
+                        .to_owned(),
+                );
+                None
+            }
+            (Some(dir), _) => Some(CertSource::LocalCa {
+                dir,
+                ttl: local_ca_cert_ttl,
+            }),
+            (None, Some(Ok(endpoint))) => Some(CertSource::IstioCa {
+                endpoint,
+                ttl: secret_ttl,
+            }),
+            (None, Some(Err(e))) => {
+                errs.push(e);
+                None
+            }
+            (None, None) => {
+                errs.push(
+                    "no certificate source: set CA_ADDRESS/XDS_ADDRESS (the Istio CA) or LOCAL_CA_DIR (create one with `meshctl ca create DIR`)"
+                        .to_owned(),
+                );
+                None
+            }
+        };
+        if secret_ttl < Duration::from_secs(60) {
+            errs.push(format!("SECRET_TTL {secret_ttl:?} is too short (minimum 1m)"));
         }
         let mut trust_domains = vec![trust_domain];
         trust_domains.extend(trust_domain_aliases.into_iter().filter(|a| !a.is_empty()));
@@ -271,7 +438,7 @@ impl Args {
                     .to_owned(),
             );
         }
-        let (Some(local_xds_path), Some(local_ca_dir)) = (local_xds_path, local_ca_dir) else {
+        let (Some(config_source), Some(cert_source)) = (config_source, cert_source) else {
             return Err(ConfigError(errs));
         };
         if !errs.is_empty() {
@@ -280,9 +447,13 @@ impl Args {
         Ok(Config {
             proxy_mode,
             inpod_uds,
-            local_xds_path,
-            local_ca_dir,
-            local_ca_cert_ttl,
+            config_source,
+            cert_source,
+            auth_token_path,
+            cluster_id,
+            instance_ip,
+            pod_name,
+            pod_namespace,
             trust_domains,
             node_name,
             outbound_addr,
@@ -301,6 +472,35 @@ impl Args {
             log_format,
         })
     }
+}
+
+/// Parses `http(s)://host:port` (or `host:port`) into a [`ControlPlane`].
+fn control_plane(
+    var: &str,
+    address: &str,
+    alt_hostname: Option<&str>,
+    root_ca: &std::path::Path,
+) -> Result<ControlPlane, String> {
+    let rest = address
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address)
+        .trim_end_matches('/');
+    let bad = || format!("{var} {address:?} is not of the form https://host:port");
+    if rest.is_empty() || rest.contains('/') {
+        return Err(bad());
+    }
+    let host = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => h,
+        _ => return Err(bad()),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok(ControlPlane {
+        address: address.to_owned(),
+        authority: rest.to_owned(),
+        server_name: alt_hostname.unwrap_or(host).to_owned(),
+        root_ca: root_ca.to_owned(),
+    })
 }
 
 impl Config {
@@ -331,6 +531,39 @@ mod tests {
         assert_eq!(c.packet_mark, Some(1337));
         assert_eq!(c.trust_domain(), "cluster.local");
         assert_eq!(c.drain_deadline, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn xds_address_implies_the_istio_ca() {
+        let c = args(&[
+            "--xds-address",
+            "https://127.0.0.1:15012",
+            "--alt-xds-hostname",
+            "istiod.istio-system.svc",
+        ])
+        .unwrap();
+        let ConfigSource::Xds(cp) = &c.config_source else {
+            panic!("{:?}", c.config_source)
+        };
+        assert_eq!(cp.authority, "127.0.0.1:15012");
+        assert_eq!(cp.server_name, "istiod.istio-system.svc");
+        let CertSource::IstioCa { endpoint, ttl } = &c.cert_source else {
+            panic!("{:?}", c.cert_source)
+        };
+        assert_eq!(endpoint, cp);
+        assert_eq!(*ttl, Duration::from_secs(86400));
+        // A local CA may still be used with a remote config source.
+        let c = args(&["--xds-address", "istiod:15012", "--local-ca-dir", "ca"]).unwrap();
+        assert!(matches!(c.cert_source, CertSource::LocalCa { .. }));
+    }
+
+    #[test_case(&["--xds-address", "istiod", "--local-ca-dir", "ca"], "XDS_ADDRESS"; "no port")]
+    #[test_case(&["--xds-address", "https://istiod:15012/x", "--local-ca-dir", "ca"], "XDS_ADDRESS"; "path")]
+    #[test_case(&["--xds-address", "istiod:1", "--local-xds-path", "w.yaml", "--local-ca-dir", "ca"], "both set"; "two sources")]
+    #[test_case(&["--local-xds-path", "w.yaml", "--ca-address", "ca:1", "--local-ca-dir", "ca"], "both set"; "two cert sources")]
+    fn bad_control_plane_settings(a: &[&str], want: &str) {
+        let err = args(a).unwrap_err();
+        assert!(err.contains(want), "{err}");
     }
 
     #[test]

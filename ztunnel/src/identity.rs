@@ -2,9 +2,11 @@
 //! at half-life so an established connection never sees its certificate expire and a CA
 //! outage has half a lifetime to heal.
 //!
-//! Sources implement [`CertProvider`]: today the local CA ([`LocalCaProvider`], Istio's
-//! `cacerts` layout shared by every ztunnel of a dev/test mesh); the Istio CA gRPC client is
-//! the other implementation (it arrives with istiod-lite's CA).
+//! Sources implement [`CertProvider`]: the local CA ([`LocalCaProvider`], Istio's `cacerts`
+//! layout shared by every ztunnel of a dev/test mesh) and Istio's CA over gRPC
+//! ([`caclient::IstioCaProvider`], istiod or istiod-lite).
+
+pub mod caclient;
 
 use std::{
     collections::HashMap,

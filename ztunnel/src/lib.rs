@@ -9,8 +9,10 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod controlplane;
 pub mod identity;
 pub mod inpod;
 pub mod localconfig;
 pub mod proxy;
 pub mod state;
+pub mod xds;

@@ -1,7 +1,7 @@
 //! The indexed snapshot of the mesh that the data path reads: workloads, services, policies.
 //!
-//! Writers (the local file loader today, the xDS client later) replace or patch it; readers
-//! take a short read lock and clone `Arc`s out. Indexes are kept consistent on every write:
+//! Writers (the local file loader, the xDS client) replace it or apply a batch of
+//! [`Change`]s; readers take a short read lock and clone `Arc`s out. Indexes are kept consistent on every write:
 //! workloads by `(network, ip)` and uid, services by `(network, vip)` and `ns/hostname`,
 //! and each service's endpoints (derived from the workloads' `services` maps).
 
@@ -35,7 +35,49 @@ pub struct State {
     policies: BTreeMap<String, Arc<Authorization>>,
 }
 
+/// One resource update from the control plane.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Workload(Workload),
+    Service(Service),
+    /// An `istio.workload.Address` resource went away: a workload uid or a service's
+    /// `namespace/hostname`.
+    RemoveAddress(String),
+    Policy(Authorization),
+    /// An `istio.security.Authorization` resource (`namespace/name`) went away.
+    RemovePolicy(String),
+}
+
 impl State {
+    /// Applies a batch of changes and rebuilds the indexes once. Removing something
+    /// unknown is not an error (xDS allows it).
+    pub fn apply(&mut self, changes: Vec<Change>) {
+        for c in changes {
+            match c {
+                Change::Workload(w) => {
+                    self.workloads.insert(w.uid.clone(), Arc::new(w));
+                }
+                Change::Service(svc) => {
+                    self.services.insert(svc.key(), Arc::new(svc));
+                }
+                Change::RemoveAddress(name) => {
+                    if self.workloads.remove(&name).is_none()
+                        && let Ok(key) = name.parse::<NamespacedHostname>()
+                    {
+                        self.services.remove(&key);
+                    }
+                }
+                Change::Policy(p) => {
+                    self.policies.insert(p.key(), Arc::new(p));
+                }
+                Change::RemovePolicy(key) => {
+                    self.policies.remove(&key);
+                }
+            }
+        }
+        self.reindex();
+    }
+
     /// Builds a state from complete lists (a local file, or an xDS state-of-the-world).
     pub fn from_parts(
         workloads: Vec<Workload>,
@@ -186,6 +228,12 @@ impl StateStore {
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         *g = state;
     }
+
+    /// Applies a batch of changes under one write lock.
+    pub fn apply(&self, changes: Vec<Change>) {
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        g.apply(changes);
+    }
 }
 
 #[cfg(test)]
@@ -258,5 +306,49 @@ mod tests {
         let mut keys: Vec<String> = s.policies_for(&a).iter().map(|p| p.key()).collect();
         keys.sort();
         assert_eq!(keys, vec!["foo/ns", "foo/selected", "istio-system/global"]);
+    }
+
+    #[test]
+    fn deltas_keep_indexes_consistent() {
+        let mut s = State::default();
+        let svc = Service {
+            name: "svc".into(),
+            namespace: "foo".into(),
+            hostname: "svc.foo.svc.cluster.local".into(),
+            vips: vec!["/10.96.0.1".parse().unwrap()],
+            ports: BTreeMap::from([(80, 8080)]),
+            waypoint: None,
+        };
+        s.apply(vec![
+            Change::Workload(wl(
+                "a",
+                "foo",
+                "10.0.0.1",
+                &[("foo/svc.foo.svc.cluster.local", 80, 8080)],
+            )),
+            Change::Service(svc.clone()),
+            Change::Policy(pol("p", "foo", Scope::Namespace)),
+        ]);
+        assert_eq!(s.endpoints(&svc.key()).len(), 1);
+        // A workload moving to a new IP is re-indexed, the old IP forgotten.
+        s.apply(vec![Change::Workload(wl(
+            "a",
+            "foo",
+            "10.0.0.9",
+            &[("foo/svc.foo.svc.cluster.local", 80, 8080)],
+        ))]);
+        assert!(s.workload_by_ip("", "10.0.0.1".parse().unwrap()).is_none());
+        assert!(s.workload_by_ip("", "10.0.0.9".parse().unwrap()).is_some());
+        // Removal by uid, by service key, of a policy, and of something unknown.
+        s.apply(vec![
+            Change::RemoveAddress("a".into()),
+            Change::RemoveAddress("foo/svc.foo.svc.cluster.local".into()),
+            Change::RemovePolicy("foo/p".into()),
+            Change::RemoveAddress("never/existed".into()),
+        ]);
+        assert!(s.workload_by_uid("a").is_none());
+        assert!(s.service_by_vip("", "10.96.0.1".parse().unwrap()).is_none());
+        assert!(s.endpoints(&svc.key()).is_empty());
+        assert_eq!(s.dump().policies.len(), 0);
     }
 }
