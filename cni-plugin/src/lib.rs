@@ -1,1 +1,9 @@
-//! The CNI plugin and node agent of the mesh.
+//! The CNI plugin and node agent of the mesh: Istio-compatible in-pod redirection, the
+//! plugin ↔ agent protocol, and the ZDS server that hands pod netns to ztunnel.
+
+pub mod cni;
+pub mod enablement;
+pub mod plugin;
+pub mod protocol;
+pub mod redirect;
+pub mod source;
