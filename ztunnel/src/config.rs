@@ -339,9 +339,9 @@ impl Args {
             log_level,
             log_format,
         } = self;
-        let xds = xds_address.as_deref().map(|a| {
-            control_plane("XDS_ADDRESS", a, alt_xds_hostname.as_deref(), &xds_root_ca)
-        });
+        let xds = xds_address
+            .as_deref()
+            .map(|a| control_plane("XDS_ADDRESS", a, alt_xds_hostname.as_deref(), &xds_root_ca));
         let config_source = match (local_xds_path, xds) {
             (Some(_), Some(_)) => {
                 errs.push(
@@ -367,7 +367,11 @@ impl Args {
         // The CA defaults to the xDS endpoint, as istiod serves both on :15012.
         let ca = ca_address.as_deref().or(xds_address.as_deref()).map(|a| {
             control_plane(
-                if ca_address.is_some() { "CA_ADDRESS" } else { "XDS_ADDRESS" },
+                if ca_address.is_some() {
+                    "CA_ADDRESS"
+                } else {
+                    "XDS_ADDRESS"
+                },
                 a,
                 alt_ca_hostname.as_deref().or(alt_xds_hostname.as_deref()),
                 ca_root_ca.as_deref().unwrap_or(&xds_root_ca),
@@ -402,7 +406,9 @@ impl Args {
             }
         };
         if secret_ttl < Duration::from_secs(60) {
-            errs.push(format!("SECRET_TTL {secret_ttl:?} is too short (minimum 1m)"));
+            errs.push(format!(
+                "SECRET_TTL {secret_ttl:?} is too short (minimum 1m)"
+            ));
         }
         let mut trust_domains = vec![trust_domain];
         trust_domains.extend(trust_domain_aliases.into_iter().filter(|a| !a.is_empty()));

@@ -126,9 +126,9 @@ pub fn handle_response(
     let mut accepted = Vec::new();
     let kind = resp.type_url.as_str();
     if !TYPES.contains(&kind) {
-        applied
-            .rejected
-            .push(format!("type {kind:?} is not one this ztunnel subscribed to"));
+        applied.rejected.push(format!(
+            "type {kind:?} is not one this ztunnel subscribed to"
+        ));
     } else {
         for r in resp.resources {
             let name = r.name.clone();
@@ -201,7 +201,10 @@ pub fn initial_request(node: &Node, kind: &str, known: &Known) -> DeltaDiscovery
     DeltaDiscoveryRequest {
         node: Some(node.clone()),
         type_url: kind.to_owned(),
-        initial_resource_versions: known.names(kind).map(|n| (n.clone(), String::new())).collect(),
+        initial_resource_versions: known
+            .names(kind)
+            .map(|n| (n.clone(), String::new()))
+            .collect(),
         ..Default::default()
     }
 }
@@ -244,8 +247,8 @@ impl XdsClient {
 
     async fn session(&self, known: &mut Known, drain: &DrainWatcher) -> Result<(), XdsError> {
         let channel = controlplane::channel(&self.endpoint)?;
-        let mut client = AggregatedDiscoveryServiceClient::new(channel)
-            .max_decoding_message_size(64 << 20);
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let node = self.node.to_node();
         let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(TYPES.len() + 2);
         for kind in TYPES {
@@ -353,7 +356,11 @@ mod tests {
             "{}",
             detail.message
         );
-        assert!(detail.message.contains("garbage: not a valid"), "{}", detail.message);
+        assert!(
+            detail.message.contains("garbage: not a valid"),
+            "{}",
+            detail.message
+        );
         assert_eq!(applied.updated, 1);
         assert!(state.read(|s| s.workload_by_uid("good").is_some()));
         assert!(state.read(|s| s.workload_by_uid("bad").is_none()));
@@ -389,7 +396,12 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(ack.error_detail.unwrap().message.contains("not one this ztunnel"));
+        assert!(
+            ack.error_detail
+                .unwrap()
+                .message
+                .contains("not one this ztunnel")
+        );
         let mut r = workload("w", [10, 0, 0, 1]);
         r.resource.as_mut().unwrap().type_url = type_url::AUTHORIZATION.into();
         let (ack, applied) = handle_response(
@@ -402,7 +414,12 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(ack.error_detail.unwrap().message.contains("w: resource of type"));
+        assert!(
+            ack.error_detail
+                .unwrap()
+                .message
+                .contains("w: resource of type")
+        );
         assert_eq!(applied.updated, 0);
     }
 

@@ -148,7 +148,11 @@ mod tests {
         assert_eq!(c.identity, id);
         assert_eq!(c.chain.len(), 1, "the root is not served in the chain");
         assert_eq!(c.roots.len(), 2, "the chain's root plus the configured one");
-        assert!(assemble(key.clone_key(), &[], &[]).unwrap_err().contains("empty"));
+        assert!(
+            assemble(key.clone_key(), &[], &[])
+                .unwrap_err()
+                .contains("empty")
+        );
         let e = assemble(key, &["junk".into()], &[]).unwrap_err();
         assert!(e.contains("cert_chain"), "{e}");
     }

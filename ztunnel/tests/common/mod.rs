@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod controlplane;
+
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -49,7 +51,7 @@ impl Mesh {
         p
     }
 
-    /// Starts a ztunnel for `node`, with its HBONE listener on `ip:15008`.
+    /// Starts a ztunnel for `node` from a local config file and the shared local CA.
     pub async fn ztunnel(
         &self,
         config: &std::path::Path,
@@ -57,12 +59,29 @@ impl Mesh {
         ip: IpAddr,
         extra: &[&str],
     ) -> Bound {
-        let mut args: Vec<String> = vec![
-            "ztunnel".into(),
-            "--local-xds-path".into(),
+        let source = [
+            "--local-xds-path".to_owned(),
             config.display().to_string(),
-            "--local-ca-dir".into(),
+            "--local-ca-dir".to_owned(),
             self.ca_dir().display().to_string(),
+        ];
+        let b = self.ztunnel_with(&source, node, ip, extra).await;
+        wait_ready(&b).await;
+        b
+    }
+
+    /// Starts a ztunnel for `node` with the given config/cert source flags, with its HBONE
+    /// listener on `ip:15008`; does not wait for readiness.
+    pub async fn ztunnel_with(
+        &self,
+        source: &[String],
+        node: &str,
+        ip: IpAddr,
+        extra: &[&str],
+    ) -> Bound {
+        let mut args: Vec<String> = vec!["ztunnel".into()];
+        args.extend(source.iter().cloned());
+        args.extend([
             "--node-name".into(),
             node.into(),
             "--inbound-addr".into(),
@@ -83,20 +102,24 @@ impl Mesh {
             "0".into(),
             "--drain-deadline".into(),
             "3s".into(),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let cfg = Args::try_parse_from(args).unwrap().validate().unwrap();
-        let bound = ztunnel::app::build(cfg, None, tokio::runtime::Handle::current())
+        ztunnel::app::build(cfg, None, tokio::runtime::Handle::current())
             .await
-            .unwrap();
-        for _ in 0..200 {
-            if bound.ready.is_ready() {
-                return bound;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("ztunnel not ready: {:?}", bound.ready.pending());
+            .unwrap()
     }
+}
+
+/// Waits up to 5 s for readiness.
+pub async fn wait_ready(bound: &Bound) {
+    for _ in 0..500 {
+        if bound.ready.is_ready() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("ztunnel not ready: {:?}", bound.ready.pending());
 }
 
 fn raise_fd_limit() {
