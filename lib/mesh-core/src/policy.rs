@@ -4,8 +4,9 @@
 //! - a policy matches when ANY rule matches; a rule matches when ALL its clauses match; a
 //!   clause matches when ANY of its matches matches; a match requires every field it sets
 //!   (positive lists need one hit, negative lists need none);
-//! - a policy with no rules never matches; a rule with no clauses always matches; a match
-//!   that sets no field never matches;
+//! - a policy with no rules never matches; a rule with no clauses always matches; a clause
+//!   with no matches always matches (ztunnel `src/rbac.rs`: `if clause.is_empty() { clause_match
+//!   = true }`); a match that sets no field never matches (it is skipped);
 //! - DENY policies are evaluated first; then, if any ALLOW policy applies, one must match;
 //!   with no ALLOW policy the connection is allowed; dry-run policies never enforce.
 //!
@@ -177,7 +178,7 @@ impl Rule {
     fn matches(&self, conn: &Connection) -> bool {
         self.clauses
             .iter()
-            .all(|clause| clause.iter().any(|m| m.matches(conn)))
+            .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(conn)))
     }
 }
 
@@ -327,6 +328,21 @@ mod tests {
             clauses: vec![vec![ns_other], vec![port_80]],
         };
         assert!(!r2.matches(&conn(Some(SLEEP), "10.0.0.5:1", "10.1.0.7:80")));
+    }
+
+    /// ztunnel `src/rbac.rs` (`Authorization::matches`): a clause with no matches at all is a
+    /// match, unlike a clause whose only match is empty (skipped, so the clause fails).
+    #[test]
+    fn empty_clause_matches_but_clause_of_empty_match_does_not() {
+        let c = conn(Some(SLEEP), "10.0.0.5:1", "10.1.0.7:80");
+        let empty_clause = Rule {
+            clauses: vec![vec![]],
+        };
+        assert!(empty_clause.matches(&c));
+        let empty_match = Rule {
+            clauses: vec![vec![Match::default()]],
+        };
+        assert!(!empty_match.matches(&c));
     }
 
     #[test]
