@@ -3,6 +3,8 @@
 
 pub mod cni;
 pub mod enablement;
+pub mod iptables;
+pub mod netns;
 pub mod plugin;
 pub mod protocol;
 pub mod redirect;
