@@ -3,7 +3,11 @@
 //! - `meshctl ca create DIR`: a CA in Istio's `cacerts` layout for local/dev meshes;
 //! - `meshctl ztunnel config-dump`: what a running ztunnel knows (workloads, services,
 //!   policies, certificates);
-//! - `meshctl ztunnel log-level [FILTER]`: read or change its log filter at runtime.
+//! - `meshctl ztunnel log-level [FILTER]`: read or change its log filter at runtime;
+//! - `meshctl authz check`: explain offline which hop allows or denies a request, and why
+//!   (logic in `authz.rs`).
+
+mod authz;
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -28,6 +32,30 @@ enum Cmd {
     /// Inspect a running ztunnel through its admin port.
     #[command(subcommand)]
     Ztunnel(ZtunnelCmd),
+    /// Authorization policy tools.
+    #[command(subcommand)]
+    Authz(AuthzCmd),
+}
+
+#[derive(Subcommand)]
+enum AuthzCmd {
+    /// Explain, offline, the decision Istio ambient makes for one request at each hop
+    /// (waypoint, destination ztunnel), with the deciding policy and rule. Exit 0 for any
+    /// decision, 2 for bad input.
+    Check {
+        /// A multi-document YAML file of Kubernetes objects, or a directory of .yaml files.
+        #[arg(long)]
+        policies: PathBuf,
+        /// The request to explain (source, destination, protocol, http, waypoint).
+        #[arg(long)]
+        request: PathBuf,
+        /// Mesh settings: trust_domain, root_namespace, trust_domain_aliases, feature_flags,
+        /// path_normalization, strict_policy.
+        #[arg(long)]
+        mesh: Option<PathBuf>,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: authz::Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -60,8 +88,29 @@ enum ZtunnelCmd {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    match Cli::parse().cmd {
+        Cmd::Authz(AuthzCmd::Check {
+            policies,
+            request,
+            mesh,
+            output,
+        }) => match authz::check(&policies, &request, mesh.as_deref(), output) {
+            Ok(out) => {
+                print!("{out}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshctl authz check: {e}");
+                std::process::ExitCode::from(2)
+            }
+        },
+        Cmd::Ca(cmd) => exit(run_ca(cmd)),
+        Cmd::Ztunnel(cmd) => exit(run_ztunnel(cmd)),
+    }
+}
+
+fn exit(r: anyhow::Result<()>) -> std::process::ExitCode {
+    match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshctl: {e:#}");
@@ -70,41 +119,42 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.cmd {
-        Cmd::Ca(CaCmd::Create {
+fn run_ca(cmd: CaCmd) -> anyhow::Result<()> {
+    match cmd {
+        CaCmd::Create {
             dir,
             trust_domain,
             force,
-        }) => create_ca(&dir, &trust_domain, force),
-        Cmd::Ztunnel(cmd) => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                match cmd {
-                    ZtunnelCmd::ConfigDump { admin } => {
-                        let body = request(admin, http::Method::GET, "/config_dump").await?;
-                        println!("{body}");
-                    }
-                    ZtunnelCmd::LogLevel {
-                        filter: None,
-                        admin,
-                    } => {
-                        print!("{}", request(admin, http::Method::GET, "/logging").await?);
-                    }
-                    ZtunnelCmd::LogLevel {
-                        filter: Some(f),
-                        admin,
-                    } => {
-                        let path = format!("/logging?level={f}");
-                        print!("{}", request(admin, http::Method::POST, &path).await?);
-                    }
-                }
-                Ok(())
-            })
-        }
+        } => create_ca(&dir, &trust_domain, force),
     }
+}
+
+fn run_ztunnel(cmd: ZtunnelCmd) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cmd {
+            ZtunnelCmd::ConfigDump { admin } => {
+                let body = request(admin, http::Method::GET, "/config_dump").await?;
+                println!("{body}");
+            }
+            ZtunnelCmd::LogLevel {
+                filter: None,
+                admin,
+            } => {
+                print!("{}", request(admin, http::Method::GET, "/logging").await?);
+            }
+            ZtunnelCmd::LogLevel {
+                filter: Some(f),
+                admin,
+            } => {
+                let path = format!("/logging?level={f}");
+                print!("{}", request(admin, http::Method::POST, &path).await?);
+            }
+        }
+        Ok(())
+    })
 }
 
 fn create_ca(dir: &std::path::Path, trust_domain: &str, force: bool) -> anyhow::Result<()> {
