@@ -1,0 +1,220 @@
+//! istiod-lite's configuration: the only place that reads flags and environment variables.
+//!
+//! [`Args`] is what the operator typed (Istio's variable names where istiod has one);
+//! [`Config`] is the validated result. Every problem is reported at once and `main` exits 64.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use serde::Serialize;
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 10m or 24h"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m or h)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "istiod-lite",
+    version,
+    about = "The mesh's control plane: delta xDS and the Istio CA on :15012."
+)]
+pub struct Args {
+    /// A directory of Kubernetes YAML manifests (every `*.yaml`/`*.yml`, multi-document),
+    /// re-read when it changes: the lab's source, and a way to try the mesh without a cluster.
+    #[arg(long, env = "MANIFESTS_DIR")]
+    pub manifests: Option<PathBuf>,
+
+    /// xDS and CA, over TLS.
+    #[arg(long, env = "GRPC_ADDR", default_value = "[::]:15012")]
+    pub grpc_addr: SocketAddr,
+
+    /// Readiness (`/ready`) and debug (`/debug/snapshot`), plain HTTP.
+    #[arg(long, env = "MONITOR_ADDR", default_value = "127.0.0.1:15014")]
+    pub monitor_addr: SocketAddr,
+
+    /// The CA in Istio's `cacerts` layout (ca-key.pem, ca-cert.pem, cert-chain.pem,
+    /// root-cert.pem). If the directory has none of them, a self-signed root is generated
+    /// and written there (as istiod does with its istio-ca-secret).
+    #[arg(long, env = "CA_DIR")]
+    pub ca_dir: PathBuf,
+
+    /// DNS names in the serving certificate of :15012.
+    #[arg(
+        long,
+        env = "ISTIOD_DNS_NAMES",
+        value_delimiter = ',',
+        default_value = "istiod.istio-system.svc,istiod.istio-system.svc.cluster.local"
+    )]
+    pub dns_names: Vec<String>,
+
+    /// Callers allowed in without Kubernetes: a YAML list of `{token, serviceAccount:
+    /// ns/name, node}` (the lab's stand-in for TokenReview).
+    #[arg(long, env = "STATIC_TOKENS")]
+    pub static_tokens: Option<PathBuf>,
+
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    #[arg(long, env = "DOMAIN_SUFFIX", default_value = "cluster.local")]
+    pub domain_suffix: String,
+
+    /// Policies here without a selector apply mesh-wide.
+    #[arg(long, env = "ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
+    /// The longest certificate lifetime granted, whatever a client asks for.
+    #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", value_parser = parse_duration, default_value = "24h")]
+    pub max_cert_ttl: Duration,
+
+    /// How often the manifests directory is checked for changes.
+    #[arg(long, env = "MANIFESTS_POLL", value_parser = parse_duration, default_value = "1s")]
+    pub manifests_poll: Duration,
+
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub manifests: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub monitor_addr: SocketAddr,
+    pub ca_dir: PathBuf,
+    pub dns_names: Vec<String>,
+    pub static_tokens: Option<PathBuf>,
+    pub trust_domain: String,
+    pub domain_suffix: String,
+    pub root_namespace: String,
+    pub cluster_id: String,
+    #[serde(serialize_with = "secs")]
+    pub max_cert_ttl: Duration,
+    #[serde(serialize_with = "secs")]
+    pub manifests_poll: Duration,
+    pub log_level: String,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{}s", d.as_secs()))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+impl Args {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let Args {
+            manifests,
+            grpc_addr,
+            monitor_addr,
+            ca_dir,
+            dns_names,
+            static_tokens,
+            trust_domain,
+            domain_suffix,
+            root_namespace,
+            cluster_id,
+            max_cert_ttl,
+            manifests_poll,
+            log_level,
+        } = self;
+        let mut errs = Vec::new();
+        if manifests.is_none() {
+            errs.push(
+                "no source: set MANIFESTS_DIR (--manifests) to a directory of Kubernetes YAML (the Kubernetes source is not built yet)"
+                    .to_owned(),
+            );
+        }
+        if mesh_core::Identity::new(&trust_domain, "ns", "sa").is_err() {
+            errs.push(format!(
+                "TRUST_DOMAIN {trust_domain:?} is not a valid trust domain"
+            ));
+        }
+        let dns_names: Vec<String> = dns_names.into_iter().filter(|n| !n.is_empty()).collect();
+        if dns_names.is_empty() {
+            errs.push("ISTIOD_DNS_NAMES is empty: the serving certificate needs a name".to_owned());
+        }
+        if max_cert_ttl < Duration::from_secs(60) {
+            errs.push("MAX_WORKLOAD_CERT_TTL must be at least 1m".to_owned());
+        }
+        if manifests_poll.is_zero() {
+            errs.push("MANIFESTS_POLL must be positive".to_owned());
+        }
+        let Some(manifests) = manifests else {
+            return Err(ConfigError(errs));
+        };
+        if !errs.is_empty() {
+            return Err(ConfigError(errs));
+        }
+        Ok(Config {
+            manifests,
+            grpc_addr,
+            monitor_addr,
+            ca_dir,
+            dns_names,
+            static_tokens,
+            trust_domain,
+            domain_suffix,
+            root_namespace,
+            cluster_id,
+            max_cert_ttl,
+            manifests_poll,
+            log_level,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Result<Config, String> {
+        let mut v = vec!["istiod-lite"];
+        v.extend_from_slice(a);
+        Args::try_parse_from(v)
+            .map_err(|e| e.to_string())?
+            .validate()
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_istiod() {
+        let c = args(&["--manifests", "m", "--ca-dir", "ca"]).unwrap();
+        assert_eq!(c.grpc_addr.port(), 15012);
+        assert_eq!(c.root_namespace, "istio-system");
+        assert_eq!(c.max_cert_ttl, Duration::from_secs(86400));
+        assert!(c.dns_names.contains(&"istiod.istio-system.svc".to_owned()));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let e = args(&[
+            "--ca-dir",
+            "ca",
+            "--trust-domain",
+            "BAD!",
+            "--max-cert-ttl",
+            "5s",
+        ])
+        .unwrap_err();
+        for want in ["MANIFESTS_DIR", "TRUST_DOMAIN", "MAX_WORKLOAD_CERT_TTL"] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+    }
+}

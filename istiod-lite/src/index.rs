@@ -1,0 +1,154 @@
+//! The in-memory model of what users applied, by kind: apply, delete and reset.
+//!
+//! Sources (the manifest directory, later Kubernetes watches) feed it objects; the
+//! translation reads it. Nothing here knows about xDS. Objects are keyed `namespace/name`
+//! (namespaces by name). An object a source could not read never reaches the index; the
+//! source reports it in [`Index::rejected`] with the file and field, and everything else
+//! is still applied.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use mesh_policy::model::{AuthorizationPolicy, PeerAuthentication};
+
+/// One object of a kind the control plane understands.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Service(Service),
+    AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
+            Object::Service(_) => "Service",
+            Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Object::PeerAuthentication(_) => "PeerAuthentication",
+        }
+    }
+}
+
+/// `namespace/name`.
+pub fn key(namespace: Option<&str>, name: Option<&str>) -> String {
+    format!(
+        "{}/{}",
+        namespace.unwrap_or("default"),
+        name.unwrap_or_default()
+    )
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Index {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<String, Pod>,
+    pub services: BTreeMap<String, Service>,
+    pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
+    pub peer_authentications: BTreeMap<String, PeerAuthentication>,
+    /// Objects a source refused, one line each (`file: kind ns/name: what is wrong`).
+    pub rejected: Vec<String>,
+}
+
+impl Index {
+    pub fn apply(&mut self, obj: Object) {
+        match obj {
+            Object::Namespace(n) => {
+                let name = n.metadata.name.clone().unwrap_or_default();
+                self.namespaces.insert(name, n);
+            }
+            Object::Pod(p) => {
+                let k = key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref());
+                self.pods.insert(k, p);
+            }
+            Object::Service(s) => {
+                let k = key(s.metadata.namespace.as_deref(), s.metadata.name.as_deref());
+                self.services.insert(k, s);
+            }
+            Object::AuthorizationPolicy(p) => {
+                self.authorization_policies.insert(p.key(), p);
+            }
+            Object::PeerAuthentication(p) => {
+                self.peer_authentications.insert(p.key(), p);
+            }
+        }
+    }
+
+    /// Removes the object of `kind` at `key` (a namespace's key is its name).
+    pub fn delete(&mut self, kind: &str, key: &str) {
+        match kind {
+            "Namespace" => {
+                self.namespaces.remove(key);
+            }
+            "Pod" => {
+                self.pods.remove(key);
+            }
+            "Service" => {
+                self.services.remove(key);
+            }
+            "AuthorizationPolicy" => {
+                self.authorization_policies.remove(key);
+            }
+            "PeerAuthentication" => {
+                self.peer_authentications.remove(key);
+            }
+            _ => {}
+        }
+    }
+
+    /// Replaces everything with a complete listing.
+    pub fn reset(objects: Vec<Object>, rejected: Vec<String>) -> Index {
+        let mut idx = Index {
+            rejected,
+            ..Default::default()
+        };
+        for o in objects {
+            idx.apply(o);
+        }
+        idx
+    }
+
+    pub fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces
+            .get(ns)
+            .and_then(|n| n.metadata.labels.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[test]
+    fn apply_replace_delete() {
+        let pod = |ip: &str| {
+            let mut p = Pod {
+                metadata: ObjectMeta {
+                    name: Some("p".into()),
+                    namespace: Some("foo".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+                pod_ip: Some(ip.into()),
+                ..Default::default()
+            });
+            p
+        };
+        let mut idx = Index::default();
+        idx.apply(Object::Pod(pod("10.0.0.1")));
+        idx.apply(Object::Pod(pod("10.0.0.2")));
+        assert_eq!(idx.pods.len(), 1);
+        assert_eq!(
+            idx.pods["foo/p"].status.as_ref().unwrap().pod_ip.as_deref(),
+            Some("10.0.0.2")
+        );
+        idx.delete("Pod", "foo/p");
+        assert!(idx.pods.is_empty());
+    }
+}

@@ -1,0 +1,20 @@
+//! istiod-lite: sources → index → translate → delta xDS, plus the Istio CA.
+//!
+//! ```text
+//!  manifests dir ─┐                       ┌─► delta ADS (Address, Authorization) ─► ztunnels
+//!  (kube, later) ─┴─► Index ─► translate ─┤
+//!                     (apply/   (pure)    └─► CA: CreateCertificate (token → node rule)
+//!                      delete/reset)
+//! ```
+//!
+//! Every push is a new immutable [`xds::Snapshot`]; each xDS stream diffs it against what its
+//! client holds and sends only the difference.
+
+pub mod app;
+pub mod authn;
+pub mod ca;
+pub mod config;
+pub mod index;
+pub mod source;
+pub mod translate;
+pub mod xds;

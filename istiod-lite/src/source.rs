@@ -1,0 +1,182 @@
+//! Where objects come from. Today: a directory of Kubernetes manifests, read as `kubectl
+//! apply -f DIR` would read it (every `*.yaml`/`*.yml`, multi-document), re-read whenever a
+//! file in it changes. The Kubernetes source (kube-rs watches) will feed the same [`Index`].
+//!
+//! Bad input never stops the rest: a document that is not YAML, not a Kubernetes object, or
+//! an object that does not parse as its kind is reported (file, document, kind, name and the
+//! field) in [`Index::rejected`] and skipped; kinds the control plane does not use are
+//! ignored silently.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::index::{Index, Object};
+
+/// Reads every manifest in `dir` into a fresh index.
+pub fn load_dir(dir: &Path) -> Result<Index, std::io::Error> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    let mut objects = Vec::new();
+    let mut rejected = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f)?;
+        let (o, r) = parse_manifests(&f.display().to_string(), &text);
+        objects.extend(o);
+        rejected.extend(r);
+    }
+    Ok(Index::reset(objects, rejected))
+}
+
+/// Parses multi-document YAML into objects and one rejection line per bad document.
+pub fn parse_manifests(file: &str, text: &str) -> (Vec<Object>, Vec<String>) {
+    let mut objects = Vec::new();
+    let mut rejected = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let at = format!("{file} (document {})", i + 1);
+        let value = match serde::Deserialize::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                rejected.push(format!("{at}: not valid YAML: {e}"));
+                // A syntax error ends the stream; nothing after it can be trusted.
+                break;
+            }
+        };
+        match parse_object(&at, value) {
+            Ok(Some(o)) => objects.push(o),
+            Ok(None) => {}
+            Err(e) => rejected.push(e),
+        }
+    }
+    (objects, rejected)
+}
+
+fn parse_object(at: &str, value: serde_yaml::Value) -> Result<Option<Object>, String> {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .ok_or_else(|| format!("{at}: not a Kubernetes object (no kind)"))?
+        .to_owned();
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("")
+        .to_owned();
+    let what = format!("{at}: {kind} {name:?}");
+    let typed = |e: serde_yaml::Error| format!("{what}: {e}");
+    Ok(Some(match kind.as_str() {
+        "Namespace" => Object::Namespace(serde_yaml::from_value(value).map_err(typed)?),
+        "Pod" => Object::Pod(serde_yaml::from_value(value).map_err(typed)?),
+        "Service" => Object::Service(serde_yaml::from_value(value).map_err(typed)?),
+        "AuthorizationPolicy" | "PeerAuthentication" => {
+            let text = serde_yaml::to_string(&value).map_err(typed)?;
+            let set = mesh_policy::parse_objects(at, &text).map_err(|e| e.to_string())?;
+            if let Some(p) = set.authorization_policies.into_iter().next() {
+                Object::AuthorizationPolicy(p)
+            } else if let Some(p) = set.peer_authentications.into_iter().next() {
+                Object::PeerAuthentication(p)
+            } else {
+                return Err(format!("{what}: not a security.istio.io object"));
+            }
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// Newest modification time of the directory and its manifests (a cheap change check).
+fn stamp(dir: &Path) -> Option<SystemTime> {
+    let mut newest = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+            newest = newest.max(Some(t));
+        }
+    }
+    newest
+}
+
+/// Watches `dir`, publishing a fresh index after every change. A directory that cannot be
+/// read keeps the last good index.
+pub async fn watch_dir(
+    dir: PathBuf,
+    every: Duration,
+    out: watch::Sender<std::sync::Arc<Index>>,
+    drain: mesh_rt::drain::DrainWatcher,
+) {
+    let mut last = stamp(&dir);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = drain.signaled() => return,
+        }
+        let now = stamp(&dir);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match load_dir(&dir) {
+            Ok(idx) => {
+                for r in &idx.rejected {
+                    warn!(rejected = %r, "manifest skipped");
+                }
+                info!(dir = %dir.display(), pods = idx.pods.len(), services = idx.services.len(),
+                    policies = idx.authorization_policies.len(), "manifests reloaded");
+                out.send_replace(std::sync::Arc::new(idx));
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "cannot read manifests; keeping the last ones")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_documents_are_named_and_the_rest_kept() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: foo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: broken, namespace: foo}
+spec: {containers: "not a list"}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ignored}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec: {action: DENY, rules: [{from: [{source: {principal: [x]}}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: foo}
+spec: {selector: {app: echo}, ports: [{port: 80, targetPort: 8080}]}
+"#;
+        let (objs, rejected) = parse_manifests("m.yaml", text);
+        let kinds: Vec<_> = objs.iter().map(Object::kind).collect();
+        assert_eq!(kinds, ["Namespace", "Service"]);
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert!(
+            rejected[0].contains("m.yaml (document 2): Pod \"broken\""),
+            "{}",
+            rejected[0]
+        );
+        assert!(rejected[1].contains("principal"), "{}", rejected[1]);
+    }
+}

@@ -1,0 +1,505 @@
+//! Index → Istio's workload API, as istiod's ambient index builds it. Pure: no I/O, no
+//! xDS, no kube client; the same index always yields the same resources.
+//!
+//! - every Pod with an IP becomes a `Workload` (uid `<cluster>//Pod/<ns>/<name>`): HBONE
+//!   when it is ambient (namespace or pod label `istio.io/dataplane-mode=ambient`, pod label
+//!   `none` opts out, host-network pods never), plain TCP otherwise so clients still see it;
+//!   healthy only when Running and Ready;
+//! - every Service with a ClusterIP becomes a `Service`; a pod backs each Service of its
+//!   namespace whose selector matches it, with the target port resolved per pod (named
+//!   ports through the pod's container ports);
+//! - AuthorizationPolicies are converted by `mesh-policy` (the exact istiod L4 conversion);
+//!   a workload lists the selector policies and the PeerAuthentication-derived policies that
+//!   attach to it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::{
+    api::core::v1::{Pod, Service as K8sService},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use mesh_core::{
+    policy::{Authorization, Scope},
+    workload::{HealthStatus, PortMap, Service, TunnelProtocol, Workload},
+};
+use mesh_policy::{MeshConfig, PolicySet, scope::ZtunnelAttachment};
+
+use crate::index::Index;
+
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+
+/// Settings the translation needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub cluster_id: String,
+    pub domain_suffix: String,
+    pub mesh: MeshConfig,
+}
+
+/// The resources for one index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub authorizations: Vec<Authorization>,
+    /// Why something was left out or changed, one line each (for logs and status).
+    pub notes: Vec<String>,
+}
+
+/// Is this pod captured by the mesh?
+pub fn is_ambient(idx: &Index, pod: &Pod) -> bool {
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+    {
+        return false;
+    }
+    let labels = pod.metadata.labels.as_ref();
+    match labels
+        .and_then(|l| l.get(DATAPLANE_MODE))
+        .map(String::as_str)
+    {
+        Some("none") => false,
+        Some("ambient") => true,
+        _ => {
+            let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+            idx.namespace_labels(ns)
+                .and_then(|l| l.get(DATAPLANE_MODE))
+                .is_some_and(|m| m == "ambient")
+        }
+    }
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    let Some(st) = pod.status.as_ref() else {
+        return false;
+    };
+    st.phase.as_deref() == Some("Running")
+        && st
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+fn pod_ips(pod: &Pod) -> Vec<std::net::IpAddr> {
+    let Some(st) = pod.status.as_ref() else {
+        return vec![];
+    };
+    let mut ips: Vec<std::net::IpAddr> = st
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty()
+        && let Some(ip) = st.pod_ip.as_deref().and_then(|s| s.parse().ok())
+    {
+        ips.push(ip);
+    }
+    ips
+}
+
+fn label<'a>(labels: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter().find_map(|k| labels.get(*k)).map(String::as_str)
+}
+
+/// Deployment/Job name from owner references, as istiod's workload-name heuristic does.
+fn workload_name_and_type(pod: &Pod) -> (String, &'static str) {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    for o in pod.metadata.owner_references.iter().flatten() {
+        match o.kind.as_str() {
+            "ReplicaSet" => {
+                let n = o.name.rsplit_once('-').map_or(o.name.as_str(), |(d, _)| d);
+                return (n.to_owned(), "deployment");
+            }
+            "Job" => return (o.name.clone(), "job"),
+            "StatefulSet" | "DaemonSet" => return (o.name.clone(), "deployment"),
+            _ => {}
+        }
+    }
+    (name, "pod")
+}
+
+fn service_hostname(svc: &K8sService, suffix: &str) -> String {
+    format!(
+        "{}.{}.svc.{suffix}",
+        svc.metadata.name.as_deref().unwrap_or_default(),
+        svc.metadata.namespace.as_deref().unwrap_or("default")
+    )
+}
+
+fn selects(svc: &K8sService, pod: &Pod) -> bool {
+    let Some(sel) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
+        return false;
+    };
+    if sel.is_empty() || svc.metadata.namespace != pod.metadata.namespace {
+        return false;
+    }
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Service port → the pod's port for it (a named target port resolved in the containers).
+fn pod_ports(svc: &K8sService, pod: &Pod) -> PortMap {
+    let mut m = PortMap::new();
+    for p in svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
+            continue;
+        }
+        let Ok(sp) = u16::try_from(p.port) else {
+            continue;
+        };
+        let target = match &p.target_port {
+            None => Some(p.port),
+            Some(IntOrString::Int(n)) => Some(*n),
+            Some(IntOrString::String(name)) => pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+                .map(|cp| cp.container_port),
+        };
+        if let Some(t) = target.and_then(|t| u16::try_from(t).ok()) {
+            m.insert(sp, t);
+        }
+    }
+    m
+}
+
+fn service_of(svc: &K8sService, suffix: &str) -> Option<Service> {
+    let spec = svc.spec.as_ref()?;
+    let ips: Vec<&String> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .collect();
+    let mut vips = Vec::new();
+    for ip in ips {
+        if let Ok(a) = ip.parse()
+            && !vips
+                .iter()
+                .any(|v: &mesh_core::workload::NetworkAddress| v.address == a)
+        {
+            vips.push(mesh_core::workload::NetworkAddress {
+                network: String::new(),
+                address: a,
+            });
+        }
+    }
+    let mut ports = BTreeMap::new();
+    for p in spec.ports.iter().flatten() {
+        let Ok(sp) = u16::try_from(p.port) else {
+            continue;
+        };
+        // A named target port differs per pod: 0 tells ztunnel to use the endpoint's map.
+        let tp = match &p.target_port {
+            None => sp,
+            Some(IntOrString::Int(n)) => u16::try_from(*n).unwrap_or(0),
+            Some(IntOrString::String(_)) => 0,
+        };
+        ports.insert(sp, tp);
+    }
+    Some(Service {
+        name: svc.metadata.name.clone()?,
+        namespace: svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        hostname: service_hostname(svc, suffix),
+        vips,
+        ports,
+        waypoint: None,
+    })
+}
+
+/// Translates the whole index.
+pub fn translate(idx: &Index, s: &Settings) -> Resources {
+    let mut out = Resources::default();
+    let set = PolicySet {
+        authorization_policies: idx.authorization_policies.values().cloned().collect(),
+        peer_authentications: idx.peer_authentications.values().cloned().collect(),
+        request_authentications: vec![],
+    };
+    let mut authz: BTreeMap<String, Authorization> = BTreeMap::new();
+    for p in &set.authorization_policies {
+        let conv = mesh_policy::l4::convert(p, &s.mesh);
+        out.notes
+            .extend(conv.notes.iter().map(|n| format!("{}: {n}", p.key())));
+        if let Some(l4) = conv.policy {
+            authz.insert(l4.authorization.key(), l4.authorization);
+        }
+    }
+
+    for svc in idx.services.values() {
+        if let Some(v) = service_of(svc, &s.domain_suffix) {
+            out.services.push(v);
+        }
+    }
+
+    for pod in idx.pods.values() {
+        let ips = pod_ips(pod);
+        if ips.is_empty() {
+            continue;
+        }
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let empty = BTreeMap::new();
+        let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+        let ambient = is_ambient(idx, pod);
+        let mut policies = BTreeSet::new();
+        if ambient {
+            let (attached, notes) =
+                mesh_policy::scope::ztunnel_policies(&set, &s.mesh, &ns, labels);
+            out.notes.extend(notes);
+            for (p, how) in attached {
+                let key = p.key();
+                let selector = matches!(
+                    how,
+                    ZtunnelAttachment::Selector | ZtunnelAttachment::EmptySelectorStrict
+                );
+                if selector
+                    && authz
+                        .get(&key)
+                        .is_some_and(|a| a.scope == Scope::WorkloadSelector)
+                {
+                    policies.insert(key);
+                }
+            }
+            let eff = mesh_policy::peerauthn::for_workload(&set, &s.mesh, &ns, labels);
+            for a in eff.policies {
+                policies.insert(a.key());
+                authz.entry(a.key()).or_insert(a);
+            }
+        }
+        let (workload_name, workload_type) = workload_name_and_type(pod);
+        let services = idx
+            .services
+            .values()
+            .filter(|svc| selects(svc, pod))
+            .map(|svc| {
+                (
+                    format!("{ns}/{}", service_hostname(svc, &s.domain_suffix)),
+                    pod_ports(svc, pod),
+                )
+            })
+            .collect();
+        let spec = pod.spec.as_ref();
+        out.workloads.push(Workload {
+            uid: format!("{}//Pod/{ns}/{name}", s.cluster_id),
+            name: name.clone(),
+            namespace: ns,
+            workload_ips: ips,
+            network: String::new(),
+            protocol: if ambient {
+                TunnelProtocol::Hbone
+            } else {
+                TunnelProtocol::None
+            },
+            trust_domain: s.mesh.trust_domain.clone(),
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into()),
+            node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            hostname: String::new(),
+            waypoint: None,
+            canonical_name: label(
+                labels,
+                &[
+                    "service.istio.io/canonical-name",
+                    "app.kubernetes.io/name",
+                    "app",
+                ],
+            )
+            .unwrap_or(&workload_name)
+            .to_owned(),
+            canonical_revision: label(
+                labels,
+                &[
+                    "service.istio.io/canonical-revision",
+                    "app.kubernetes.io/version",
+                    "version",
+                ],
+            )
+            .unwrap_or("latest")
+            .to_owned(),
+            workload_name,
+            workload_type: workload_type.to_owned(),
+            cluster_id: s.cluster_id.clone(),
+            authorization_policies: policies.into_iter().collect(),
+            status: if pod_ready(pod) {
+                HealthStatus::Healthy
+            } else {
+                HealthStatus::Unhealthy
+            },
+            services,
+        });
+    }
+    out.authorizations = authz.into_values().collect();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::parse_manifests;
+
+    fn settings() -> Settings {
+        Settings {
+            cluster_id: "Kubernetes".into(),
+            domain_suffix: "cluster.local".into(),
+            mesh: MeshConfig::default(),
+        }
+    }
+
+    fn index(yaml: &str) -> Index {
+        let (objs, rejected) = parse_manifests("t.yaml", yaml);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        Index::reset(objs, vec![])
+    }
+
+    const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: foo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: echo-7d9f8-abcde
+  namespace: foo
+  labels: {app: echo, version: v2}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: echo-7d9f8, uid: u1}]
+spec:
+  serviceAccountName: echo
+  nodeName: node-b
+  containers: [{name: echo, image: x, ports: [{name: http, containerPort: 8080}]}]
+status:
+  phase: Running
+  podIP: 10.244.2.7
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: foo, labels: {app: echo, istio.io/dataplane-mode: none}}
+spec: {containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.2.8}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: plain, labels: {app: legacy}}
+spec: {containers: [{name: c, image: x}]}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: foo}
+spec:
+  clusterIP: 10.96.10.20
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: http}, {name: tcp, port: 9000, targetPort: 9001}]
+"#;
+
+    #[test]
+    fn pods_and_services_become_workloads_and_services() {
+        let r = translate(&index(BASE), &settings());
+        assert_eq!(r.workloads.len(), 2, "the pod without an IP is left out");
+        let echo = r
+            .workloads
+            .iter()
+            .find(|w| w.name == "echo-7d9f8-abcde")
+            .unwrap();
+        assert_eq!(echo.uid, "Kubernetes//Pod/foo/echo-7d9f8-abcde");
+        assert_eq!(echo.protocol, TunnelProtocol::Hbone);
+        assert_eq!(echo.status, HealthStatus::Healthy);
+        assert_eq!(echo.workload_name, "echo");
+        assert_eq!(echo.workload_type, "deployment");
+        assert_eq!(echo.canonical_name, "echo");
+        assert_eq!(echo.canonical_revision, "v2");
+        assert_eq!(echo.service_account, "echo");
+        assert_eq!(echo.node, "node-b");
+        assert_eq!(
+            echo.services["foo/echo.foo.svc.cluster.local"],
+            PortMap::from([(80, 8080), (9000, 9001)]),
+            "named target port resolved through the container port"
+        );
+        let out = r.workloads.iter().find(|w| w.name == "opted-out").unwrap();
+        assert_eq!(
+            out.protocol,
+            TunnelProtocol::None,
+            "dataplane-mode=none opts out"
+        );
+        assert_eq!(out.status, HealthStatus::Unhealthy, "not Ready");
+        let svc = &r.services[0];
+        assert_eq!(svc.hostname, "echo.foo.svc.cluster.local");
+        assert_eq!(svc.ports, BTreeMap::from([(80, 0), (9000, 9001)]));
+        assert_eq!(svc.vips[0].address.to_string(), "10.96.10.20");
+    }
+
+    #[test]
+    fn selector_and_peer_authentication_policies_attach_to_workloads() {
+        let yaml = format!(
+            "{BASE}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: only-sleep, namespace: foo}}
+spec:
+  selector: {{matchLabels: {{app: echo}}}}
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/bar/sa/sleep]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ns-wide, namespace: foo}}
+spec: {{action: DENY, rules: [{{to: [{{operation: {{ports: [\"9000\"]}}}}]}}]}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: istio-system}}
+spec: {{mtls: {{mode: STRICT}}}}
+"
+        );
+        let r = translate(&index(&yaml), &settings());
+        let keys: Vec<String> = r.authorizations.iter().map(|a| a.key()).collect();
+        assert!(keys.contains(&"foo/only-sleep".to_owned()), "{keys:?}");
+        assert!(keys.contains(&"foo/ns-wide".to_owned()), "{keys:?}");
+        assert!(
+            keys.contains(&"istio-system/istio_converted_static_strict".to_owned()),
+            "{keys:?}"
+        );
+        let echo = r
+            .workloads
+            .iter()
+            .find(|w| w.name == "echo-7d9f8-abcde")
+            .unwrap();
+        assert_eq!(
+            echo.authorization_policies,
+            [
+                "foo/only-sleep",
+                "istio-system/istio_converted_static_strict"
+            ],
+            "namespace-wide policies are sent out of band, not listed"
+        );
+        let legacy = r.workloads.iter().find(|w| w.name == "opted-out").unwrap();
+        assert!(legacy.authorization_policies.is_empty());
+    }
+}
