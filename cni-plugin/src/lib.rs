@@ -9,3 +9,4 @@ pub mod plugin;
 pub mod protocol;
 pub mod redirect;
 pub mod source;
+pub mod zds;

@@ -3,8 +3,12 @@
 //! `setns(2)` switches only the calling OS thread, so [`Netns::run`] does its work on a
 //! fresh scoped thread that enters the namespace and then ends; the caller's thread (a
 //! tokio worker, say) never changes namespace. Processes spawned from that thread
-//! (`iptables-restore`, `ip`) start inside the namespace. No `unsafe` is needed: nix's
-//! `setns`, `fstat` and `fstatfs` are safe wrappers.
+//! (`iptables-restore`, `ip`) start inside the namespace. nix's `setns`, `fstat` and
+//! `fstatfs` are safe; the crate's one `unsafe` block is [`register_socket`], which hands
+//! an owned socket (the ZDS sockets) to tokio's reactor.
+
+// One unsafe operation, with its SAFETY note: registering an owned socket with tokio.
+#![allow(unsafe_code)]
 
 use std::{
     fs::File,
@@ -110,6 +114,18 @@ impl Netns {
     pub fn has_ip(&self, ip: IpAddr) -> Result<bool, NetnsError> {
         self.run(|| TcpListener::bind(SocketAddr::new(ip, 0)).is_ok())
     }
+}
+
+/// Registers an owned socket with tokio's reactor (for SOCK_SEQPACKET, which tokio does not
+/// wrap itself). Must be called on a tokio runtime.
+pub fn register_socket(
+    sock: socket2::Socket,
+) -> io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
+    sock.set_nonblocking(true)?;
+    // SAFETY: the AsyncFd takes ownership of the Socket, so the descriptor stays open and is
+    // not replaced for exactly as long as it is registered; it is closed only when the
+    // AsyncFd (and with it the registration) is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register(sock) }.map_err(io::Error::from)
 }
 
 #[cfg(test)]
