@@ -573,9 +573,15 @@ fn ztunnel_hop(
         warnings.extend(c.notes);
         conditions.extend(c.status);
         for w in vwarn.get(&p.key()).into_iter().flatten() {
-            if !w.contains("TCP ports") {
-                push_unique(&mut warnings, format!("{}: {w}", p.key()));
-            }
+            // The webhook's HTTP-only DENY warning describes Envoy; say so at ztunnel.
+            let w = if w.contains("TCP ports") {
+                format!(
+                    "{w} (admission warning about sidecars/waypoints; at ztunnel see the no-op note)"
+                )
+            } else {
+                w.clone()
+            };
+            push_unique(&mut warnings, format!("{}: {w}", p.key()));
         }
         warnings.extend(principal_warnings(p, mesh, true));
         if let Some(lp) = c.policy {
