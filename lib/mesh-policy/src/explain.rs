@@ -575,9 +575,7 @@ fn ztunnel_hop(
         for w in vwarn.get(&p.key()).into_iter().flatten() {
             // The webhook's HTTP-only DENY warning describes Envoy; say so at ztunnel.
             let w = if w.contains("TCP ports") {
-                format!(
-                    "{w} (admission warning about sidecars/waypoints; at ztunnel see the no-op note)"
-                )
+                format!("{w} (admission warning; it describes sidecars and waypoints, not ztunnel)")
             } else {
                 w.clone()
             };
