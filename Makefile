@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build release test test-unit test-netns fuzz-smoke lint fmt presubmit demo deps clean
+.PHONY: all build release test test-unit test-netns fuzz-smoke k8s-smoke lint fmt presubmit demo deps clean
 
 all: build
 
@@ -29,6 +29,11 @@ test-netns:
 ## fuzz-smoke: run each fuzz target briefly (needs cargo-fuzz; .ci/run installs it).
 fuzz-smoke:
 	bash fuzz/smoke.sh
+
+## k8s-smoke: real kube-apiserver v1.20.2 + etcd on loopback (built once into
+## $MESH_K8S_DIR, default /var/cache/mesh-k8s; see docs/testing.md), checked with kubectl and curl.
+k8s-smoke:
+	bash e2e/k8s/smoke.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
