@@ -10,7 +10,12 @@
 //!   then share its result), and a connection takes at most `max_streams_per_conn` streams
 //!   before the next one is opened;
 //! - a connection whose driver ended is never handed out again; one idle past
-//!   `idle_timeout` is closed by the reaper.
+//!   `idle_timeout` is closed by the reaper; one whose peer stops answering PINGs is closed
+//!   by the keepalive;
+//! - a stream refused before the peer processed it (GOAWAY racing our checkout, or
+//!   REFUSED_STREAM) is retried once on a fresh connection, so a peer's graceful restart
+//!   is invisible to callers;
+//! - a connection never carries more streams than the peer's SETTINGS allow.
 
 use std::{
     collections::HashMap,
@@ -134,6 +139,14 @@ impl Tunnel {
     }
 }
 
+/// True when an error proves the peer never processed the stream, so sending it again
+/// elsewhere cannot duplicate anything.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_go_away()
+        || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+        || (e.is_io() && !e.is_remote())
+}
+
 struct StreamGuard {
     shared: Arc<ConnShared>,
     pool: Arc<Inner>,
@@ -175,35 +188,63 @@ impl Pool {
         connector: &ConnectFn,
         req: Request<()>,
     ) -> Result<Tunnel, Error> {
-        let (mut sender, shared) = self.checkout(&key, tls, connector).await?;
-        let guard = StreamGuard {
-            shared,
-            pool: self.inner.clone(),
-        };
         let authority = req.uri().to_string();
-        sender = sender.ready().await?;
-        let (resp, send) = sender.send_request(req, false)?;
-        let resp = resp.await?;
-        if resp.status() != StatusCode::OK {
-            return Err(Error::Refused {
-                authority,
-                status: resp.status(),
-            });
+        let mut tls = Some(tls);
+        let mut last: Option<h2::Error> = None;
+        // At most two attempts: the second only after the peer provably never saw the
+        // stream on a reused connection (GOAWAY, REFUSED_STREAM, a dead socket).
+        while let Some(make) = tls.take() {
+            let (sender, shared, unused) = self.checkout(&key, make, connector).await?;
+            tls = unused;
+            let guard = StreamGuard {
+                shared: shared.clone(),
+                pool: self.inner.clone(),
+            };
+            let attempt = async {
+                let mut sender = sender.ready().await?;
+                let mut r = Request::new(());
+                *r.method_mut() = req.method().clone();
+                *r.uri_mut() = req.uri().clone();
+                *r.headers_mut() = req.headers().clone();
+                let (resp, send) = sender.send_request(r, false)?;
+                Ok::<_, h2::Error>((resp.await?, send))
+            };
+            match attempt.await {
+                Ok((resp, send)) => {
+                    if resp.status() != StatusCode::OK {
+                        return Err(Error::Refused {
+                            authority,
+                            status: resp.status(),
+                        });
+                    }
+                    return Ok(Tunnel {
+                        send,
+                        recv: resp.into_body(),
+                        _guard: guard,
+                    });
+                }
+                Err(e) if tls.is_some() && unprocessed(&e) => {
+                    debug!(error = %e, dst = %key.dst, "stream not processed by the peer; retrying on a new connection");
+                    shared.closed.store(true, Ordering::Release);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(Tunnel {
-            send,
-            recv: resp.into_body(),
-            _guard: guard,
-        })
+        Err(last.map_or(Error::Alpn, Error::H2))
     }
 
-    /// Finds a connection with room for one more stream, or opens one. Counts the stream.
-    async fn checkout(
+    /// Finds a connection with room for one more stream, or opens one with `tls` (which is
+    /// returned when not used). Counts the stream.
+    async fn checkout<F>(
         &self,
         key: &PoolKey,
-        tls: impl FnOnce() -> Result<rustls::ClientConfig, mesh_tls::TlsError>,
+        tls: F,
         connector: &ConnectFn,
-    ) -> Result<(SendRequest<Bytes>, Arc<ConnShared>), Error> {
+    ) -> Result<(SendRequest<Bytes>, Arc<ConnShared>, Option<F>), Error>
+    where
+        F: FnOnce() -> Result<rustls::ClientConfig, mesh_tls::TlsError>,
+    {
         let slot = {
             let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots.entry(key.clone()).or_default().clone()
@@ -212,14 +253,16 @@ impl Pool {
         conns.retain(|c| !c.shared.closed.load(Ordering::Acquire));
         let max = self.inner.settings.max_streams_per_conn;
         for c in conns.iter() {
-            if c.shared.streams.load(Ordering::Acquire) < max {
+            // The peer's SETTINGS_MAX_CONCURRENT_STREAMS caps what we configured.
+            let cap = max.min(c.sender.current_max_send_streams().max(1));
+            if c.shared.streams.load(Ordering::Acquire) < cap {
                 c.shared.streams.fetch_add(1, Ordering::AcqRel);
-                return Ok((c.sender.clone(), c.shared.clone()));
+                return Ok((c.sender.clone(), c.shared.clone(), Some(tls)));
             }
         }
         let conn = self.open(key, tls()?, connector).await?;
         conn.shared.streams.fetch_add(1, Ordering::AcqRel);
-        let out = (conn.sender.clone(), conn.shared.clone());
+        let out = (conn.sender.clone(), conn.shared.clone(), None);
         conns.push(conn);
         Ok(out)
     }
@@ -250,7 +293,7 @@ impl Pool {
         if tls.get_ref().1.alpn_protocol() != Some(mesh_tls::ALPN_H2) {
             return Err(Error::Alpn);
         }
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(s.h2.initial_stream_window)
             .initial_connection_window_size(s.h2.initial_connection_window)
             .max_frame_size(s.h2.max_frame_size)
@@ -267,10 +310,17 @@ impl Pool {
         let driver_shared = shared.clone();
         let span =
             info_span!("hbone_conn", dst = %addr, src = %key.src, dst_id = %key.dst_identity);
+        let pings = connection.ping_pong();
+        let (interval, timeout) = (s.h2.keepalive_interval, s.h2.keepalive_timeout);
         tokio::spawn(
             async move {
-                if let Err(e) = connection.await {
-                    debug!(error = %e, "hbone connection ended with error");
+                tokio::select! {
+                    r = &mut connection => {
+                        if let Err(e) = r {
+                            debug!(error = %e, "hbone connection ended with error");
+                        }
+                    }
+                    () = crate::keepalive::watch(pings, interval, timeout) => {}
                 }
                 driver_shared.closed.store(true, Ordering::Release);
             }

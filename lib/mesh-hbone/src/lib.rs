@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod header;
+pub mod keepalive;
 pub mod relay;
 pub mod server;
 

@@ -71,10 +71,17 @@ where
         .handshake::<_, Bytes>(io)
         .await?;
     tokio::pin!(shutdown);
+    let keepalive = crate::keepalive::watch(
+        conn.ping_pong(),
+        settings.keepalive_interval,
+        settings.keepalive_timeout,
+    );
+    tokio::pin!(keepalive);
     let mut draining = false;
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
+            () = &mut keepalive => return Ok(()),
             () = &mut shutdown, if !draining => {
                 draining = true;
                 conn.graceful_shutdown();

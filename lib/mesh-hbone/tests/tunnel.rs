@@ -2,7 +2,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use mesh_core::Identity;
 use mesh_hbone::{
@@ -88,10 +95,20 @@ async fn open(
     pool: &Pool,
     dst: SocketAddr,
 ) -> Result<mesh_hbone::Tunnel, mesh_hbone::Error> {
+    open_via(f, pool, f.hbone, dst).await
+}
+
+/// Like [`open`], reaching the HBONE server at `hbone` (a proxy in front of it, say).
+async fn open_via(
+    f: &Fixture,
+    pool: &Pool,
+    hbone: SocketAddr,
+    dst: SocketAddr,
+) -> Result<mesh_hbone::Tunnel, mesh_hbone::Error> {
     let key = PoolKey {
         src: CLIENT.parse().unwrap(),
         dst_identity: SERVER.parse().unwrap(),
-        dst: f.hbone,
+        dst: hbone,
         scope: 0,
     };
     let cert = f.client_cert.clone();
@@ -204,5 +221,127 @@ async fn idle_connections_are_reaped() {
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(pool.reap_idle().await, 1);
     let _t = open(&f, &pool, f.echo).await.unwrap();
+    assert_eq!(pool.connections_opened(), 2);
+}
+
+/// A TCP proxy to `to` that silently drops every byte while `blackhole` is set (a peer that
+/// vanished without a FIN or RST).
+async fn blackhole_proxy(to: SocketAddr, blackhole: Arc<AtomicBool>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((a, _)) = l.accept().await {
+            let b = TcpStream::connect(to).await.unwrap();
+            let (ar, aw) = a.into_split();
+            let (br, bw) = b.into_split();
+            for (mut r, mut w) in [(ar, bw), (br, aw)].map(|(r, w)| (r, w)) {
+                let hole = blackhole.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if !hole.load(Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_drops_a_silent_peer_and_the_pool_recovers() {
+    let f = fixture().await;
+    let hole = Arc::new(AtomicBool::new(false));
+    let via = blackhole_proxy(f.hbone, hole.clone()).await;
+    let pool = Pool::new(PoolSettings {
+        h2: H2Settings {
+            keepalive_interval: Duration::from_millis(100),
+            keepalive_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let t = open_via(&f, &pool, via, f.echo).await.unwrap();
+    assert_eq!(echo_through(t, b"one".to_vec()).await, b"one");
+    // The path goes silent: the pooled connection must be declared dead by its PINGs.
+    hole.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    hole.store(false, Ordering::SeqCst);
+    let t = tokio::time::timeout(Duration::from_secs(5), open_via(&f, &pool, via, f.echo))
+        .await
+        .expect("a dead pooled connection was reused")
+        .unwrap();
+    assert_eq!(echo_through(t, b"two".to_vec()).await, b"two");
+    assert_eq!(pool.connections_opened(), 2);
+}
+
+/// A raw HTTP/2 server: echoes every stream, except that once `refuse` is set, streams on
+/// its first connection are reset with REFUSED_STREAM (a peer shutting that connection down).
+async fn refusing_server(refuse: Arc<AtomicBool>) -> (SocketAddr, WorkloadCert) {
+    let ca = LocalCa::generate("cluster.local").unwrap();
+    let ttl = Duration::from_secs(3600);
+    let client_cert = ca.issue(&CLIENT.parse().unwrap(), ttl).unwrap();
+    let server_cert = ca.issue(&SERVER.parse().unwrap(), ttl).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+        server_config(&server_cert, TrustPolicy::new("cluster.local")).unwrap(),
+    ));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((tcp, _)) = l.accept().await {
+            let first = n == 0;
+            n += 1;
+            let acceptor = acceptor.clone();
+            let refuse = refuse.clone();
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if first && refuse.load(Ordering::SeqCst) {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let mut send = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    let mut body = req.into_body();
+                    tokio::spawn(async move {
+                        while let Some(Ok(d)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(d.len());
+                            if send.send_data(d, false).is_err() {
+                                return;
+                            }
+                        }
+                        let _ = send.send_data(bytes::Bytes::new(), true);
+                    });
+                }
+            });
+        }
+    });
+    (addr, client_cert)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_by_a_pooled_connection_is_retried_on_a_new_one() {
+    let refuse = Arc::new(AtomicBool::new(false));
+    let (addr, client_cert) = refusing_server(refuse.clone()).await;
+    let f = Fixture {
+        client_cert,
+        hbone: addr,
+        echo: "127.0.0.1:9".parse().unwrap(),
+    };
+    let pool = Pool::new(PoolSettings::default());
+    let t = open(&f, &pool, f.echo).await.unwrap();
+    assert_eq!(echo_through(t, b"first".to_vec()).await, b"first");
+    refuse.store(true, Ordering::SeqCst);
+    let t = open(&f, &pool, f.echo).await.unwrap();
+    assert_eq!(echo_through(t, b"second".to_vec()).await, b"second");
     assert_eq!(pool.connections_opened(), 2);
 }
