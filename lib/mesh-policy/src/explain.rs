@@ -369,10 +369,12 @@ fn waypoint_hop(
                     warnings,
                     sees,
                 );
-            } else if !ras
-                .iter()
-                .any(|ra| ra.spec.jwt_rules.iter().any(|r| r.issuer == j.iss))
-            {
+            } else if !ras.iter().any(|ra| {
+                ra.spec
+                    .jwt_rules
+                    .iter()
+                    .any(|r| r.issuer.is_empty() || r.issuer == j.iss)
+            }) {
                 return deny(
                     Some(ras[0].key()),
                     format!(
@@ -613,7 +615,7 @@ fn ztunnel_hop(
         scope::selector_request_authentications(set, mesh, &dest.namespace, &dest.workload.labels)
     {
         warnings.push(format!(
-            "RequestAuthentication {} applies to this workload by selector, but ztunnel never validates JWTs; it takes effect only at a waypoint attached with targetRefs",
+            "RequestAuthentication {} applies to this workload (selector or namespace-wide), but ztunnel never validates JWTs; in ambient it takes effect only at a waypoint attached with targetRefs",
             ra.key()
         ));
     }

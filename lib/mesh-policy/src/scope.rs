@@ -108,7 +108,8 @@ fn ref_applies(r: &TargetRef, policy_ns: &str, t: &WaypointTarget<'_>, root: &st
     if r.is_gateway_class() {
         return r.name == WAYPOINT_CLASS && policy_ns == root;
     }
-    if r.is_service() || r.is_service_entry() {
+    // The request's destination is a Kubernetes Service; ServiceEntry targets never match it.
+    if r.is_service() {
         return t
             .service
             .is_some_and(|(ns, name)| r.name == name && policy_ns == ns);
@@ -177,7 +178,7 @@ pub fn unenforced_target_ref_policies<'a>(
         .iter()
         .filter(|p| {
             p.spec.all_target_refs().iter().any(|r| {
-                (r.is_service() || r.is_service_entry())
+                r.is_service()
                     && service.is_some_and(|(ns, name)| r.name == name && p.namespace() == ns)
             })
         })

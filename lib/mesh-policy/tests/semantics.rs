@@ -466,6 +466,8 @@ fn jwt(pols: &str, req: &str) -> String {
 // istio/ztunnel src/rbac.rs (empty Match is skipped); istio/istio#61126.
 #[test_case("foo/p\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n", "" => "ztunnel:deny(-)" ; "s7 allow rule with http attribute is dropped and policy allows nothing")]
 #[test_case("foo/p\n  rules: [{}, {to: [{operation: {methods: [GET]}}]}]\n", "" => "ztunnel:allow(foo/p#0)" ; "s7 allow empty rule survives next to an http rule")]
+#[test_case("foo/p\n  rules: [{to: [{operation: {methods: [GET], ports: [\"8080\"]}}]}]\n", "" => "ztunnel:deny(-)" ; "s7 allow mixed http and port rule is dropped not stripped")]
+#[test_case("foo/p\n  rules: [{from: [{source: {namespaces: [bar]}}], when: [{key: \"request.headers[x]\", values: [y]}]}]\n", "" => "ztunnel:deny(-)" ; "s7 allow l4 source with http condition is dropped")]
 #[test_case("foo/p\n  rules: [{from: [{source: {principals: [cluster.local/ns/bar/sa/sleep]}}, {source: {requestPrincipals: [\"*\"]}}]}]\n", "" => "ztunnel:deny(-)" ; "s7 allow http only from entry drops the whole rule")]
 #[test_case("foo/p\n  rules: [{to: [{operation: {methods: [GET]}}]}, {to: [{operation: {ports: [\"8080\"]}}]}]\n", "" => "ztunnel:allow(foo/p#1)" ; "s7 allow rule index survives dropped rules")]
 #[test_case("foo/p\n  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n", "" => "ztunnel:allow(-)" ; "s7 deny http only to is a no-op")]
@@ -611,4 +613,80 @@ fn http_bad_method_and_nul_path_are_400() {
     assert!(e.hops[0].reason.contains("HTTP 400"));
     let e = run(&svc("  rules: [{}]\n"), "wp+http:GET:/a%00", "");
     assert!(e.hops[0].reason.contains("HTTP 400"));
+}
+
+// More waypoint cases. Sources: istio.io docs/ambient/usage/authorization-policy
+// ("mesh-wide waypoint allow-nothing" via GatewayClass), docs/tasks/security/authorization/
+// authz-custom (CUSTOM + ext_authz), docs/tasks/security/authorization/authz-dry-run;
+// istio/istio pilot/pkg/security/authz/builder/builder.go (AUDIT filter, shadow rules).
+#[test_case("istio-system/class-nothing\n  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]\n", "wp" => "waypoint:deny(-)" ; "w4_1 gatewayclass allow nothing denies at every waypoint")]
+#[test_case(&svc("  rules: [{to: [{operation: {notMethods: [DELETE]}}]}]\n"), "wp+http:DELETE:/" => "waypoint:deny(-)" ; "s6_1 not methods")]
+#[test_case(&svc("  rules: [{to: [{operation: {notPaths: [\"/admin*\"]}}]}]\n"), "wp+http:GET:/admin/x" => "waypoint:deny(-)" ; "s6_1 not paths")]
+#[test_case(&svc("  rules: [{to: [{operation: {notHosts: [\"*.internal\"]}}]}]\n"), "wp+http:GET:/+host:a.INTERNAL" => "waypoint:deny(-)" ; "s6_1 not hosts ignore case")]
+#[test_case(&svc("  rules: [{from: [{source: {remoteIpBlocks: [10.244.1.0/24]}}]}]\n"), "wp+http:GET:/" => "waypoint:allow(foo/w#0) ztunnel:allow(-)" ; "s6_2 remote ip without xff is the peer")]
+#[test_case(&svc("  rules: [{when: [{key: source.principal, values: [cluster.local/ns/bar/sa/sleep]}]}]\n"), "wp+id:spiffe://example.org/ns/bar/sa/sleep" => "waypoint:allow(foo/w#0) ztunnel:allow(-)" ; "s6_4 source principal condition is aliased too")]
+#[test_case(&svc("  action: AUDIT\n  rules: [{}]\n"), "wp" => "waypoint:allow(-) ztunnel:allow(-)" ; "s3 audit at the waypoint never decides")]
+#[test_case("foo/w!dry\n  targetRefs: [{kind: Service, group: \"\", name: httpbin}]\n  action: DENY\n  rules: [{}]\n", "wp" => "waypoint:allow(-) ztunnel:allow(-)" ; "s3 dry run at the waypoint is shadow only")]
+#[test_case(&svc("  action: CUSTOM\n  provider: {name: ext-authz}\n  rules: [{}]\n"), "wp" => "waypoint:allow(-) ztunnel:allow(-)" ; "s3 custom at the waypoint defers to the provider")]
+fn waypoint_more(pols: &str, req: &str) -> String {
+    check(
+        pols,
+        req,
+        if req.contains("example.org") {
+            "td"
+        } else {
+            ""
+        },
+    )
+}
+
+#[test]
+fn waypoint_warnings_for_custom_audit_dry_run_and_metadata() {
+    let w = warnings(&run(
+        &svc("  action: CUSTOM\n  provider: {name: ext-authz}\n  rules: [{}]\n"),
+        "wp",
+        "",
+    ));
+    assert!(
+        w.contains("ext_authz provider \"ext-authz\" decides"),
+        "{w}"
+    );
+    let w = warnings(&run(&svc("  action: AUDIT\n  rules: [{}]\n"), "wp", ""));
+    assert!(w.contains("AUDIT policy foo/w rule 0 matched"), "{w}");
+    let dry = "foo/w!dry\n  targetRefs: [{kind: Service, group: \"\", name: httpbin}]\n  action: DENY\n  rules: [{}]\n";
+    assert!(warnings(&run(dry, "wp", "")).contains("dry-run DENY policy foo/w rule 0 matched"));
+    let meta = svc(
+        "  rules: [{when: [{key: \"experimental.envoy.filters.network.foo[bar]\", values: [x]}]}]\n",
+    );
+    let e = run(&meta, "wp", "");
+    assert_eq!(summary(&e), "waypoint:deny(-)");
+    assert!(warnings(&e).contains("cannot be evaluated offline"));
+    let tcp = run(
+        &svc("  rules: [{to: [{operation: {methods: [GET]}}]}]\n"),
+        "wp",
+        "",
+    );
+    assert!(
+        warnings(&tcp)
+            .contains("ALLOW rule is skipped because it uses the HTTP-only attribute methods")
+    );
+}
+
+#[test]
+fn ztunnel_warns_about_request_authentication_by_selector() {
+    let p = "foo/jwt RequestAuthentication\n  selector: {matchLabels: {app: httpbin}}\n  jwtRules: [{issuer: x}]\n";
+    assert!(warnings(&run(p, "", "")).contains("ztunnel never validates JWTs"));
+}
+
+#[test]
+fn layered_flag_enforces_waypoint_selector_allow_with_l4_semantics() {
+    // authz-semantics §5.1 (ENABLE_LAYERED_WAYPOINT_AUTHORIZATION_POLICIES): an ALLOW selecting
+    // the waypoint pods, evaluated with the client identity at the waypoint's HBONE termination.
+    let p = "default/wp-l4\n  selector: {matchLabels: {gateway.networking.k8s.io/gateway-name: waypoint}}\n  rules: [{from: [{source: {namespaces: [other]}}]}]\n";
+    assert_eq!(check(p, "wp", "layered"), "waypoint:deny(-)");
+    assert_eq!(check(p, "wp", ""), "waypoint:allow(-) ztunnel:allow(-)");
+    assert_eq!(
+        check(p, "wp+id:spiffe://cluster.local/ns/other/sa/x", "layered"),
+        "waypoint:allow(-) ztunnel:allow(-)"
+    );
 }
