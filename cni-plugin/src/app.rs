@@ -86,6 +86,8 @@ pub async fn start(
         let entry = install::plugin_entry(cfg);
         install::install_binary(&inst.plugin_binary, &inst.bin_dir).map_err(|e| e.to_string())?;
         let dir = inst.conf_dir.clone();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("creating the CNI config dir {}: {e}", dir.display()))?;
         std::thread::Builder::new()
             .name("cni-install".into())
             .spawn(move || install::watch(&dir, &entry))
