@@ -564,9 +564,10 @@ fn ztunnel_hop(
     let dest = &req.destination;
     let mut warnings = Vec::new();
     let mut conditions = Vec::new();
-    let (policies, notes) =
+    let (policies, notes, attach_conditions) =
         scope::ztunnel_policies(set, mesh, &dest.namespace, &dest.workload.labels);
     warnings.extend(notes);
+    conditions.extend(attach_conditions);
     let mut auths: Vec<L4Policy> = Vec::new();
     let mut identity_based = Vec::new();
     let mut evaluated = Vec::new();
@@ -594,6 +595,7 @@ fn ztunnel_hop(
     }
     let pa = peerauthn::for_workload(set, mesh, &dest.namespace, &dest.workload.labels);
     warnings.extend(pa.notes);
+    conditions.extend(pa.conditions);
     for a in pa.policies {
         evaluated.push(a.key());
         let n = a.rules.len();

@@ -52,6 +52,9 @@ pub struct L4Conversion {
 pub const HTTP_FMT_PREFIX: &str = "ztunnel does not support HTTP attributes (found: ";
 pub const HTTP_DENY_BOILERPLATE: &str = "DENY policy with HTTP attributes is enforced without the HTTP rules. This will be more restrictive than requested.";
 pub const HTTP_DENY_NOOP_BOILERPLATE: &str = "After omitting unsupported HTTP attributes, this DENY policy has no enforceable rules at ztunnel and will have no effect. Deploy a waypoint proxy and use a targetRef to enforce this policy.";
+/// Ours: istiod writes no status for this (authz-semantics.md §7.4).
+pub const TRUST_DOMAINS_DROPPED: &str = "ztunnel does not support trustDomains/notTrustDomains; they are ignored at ztunnel (as istiod does), so rules using them match regardless of the trust domain. Use a waypoint with targetRefs to enforce them, or set strictPolicy: true.";
+pub const TRUST_DOMAINS_STRICT: &str = "ztunnel does not support trustDomains/notTrustDomains; strictPolicy: ALLOW rules using them are omitted and DENY elements using only them match everything.";
 pub const HTTP_ALLOW_BOILERPLATE: &str = "Within an ALLOW policy, rules matching HTTP attributes are omitted. This will be more restrictive than requested.";
 
 fn ports(v: &[String]) -> Vec<u16> {
@@ -381,7 +384,20 @@ pub fn convert(p: &AuthorizationPolicy, mesh: &MeshConfig) -> L4Conversion {
             "{key}: no rule is left at ztunnel, so this ALLOW policy allows nothing and every connection to the workloads it selects is denied"
         ));
     }
-    out.status = if found_http.is_empty() {
+    let td_used = p.spec.rules().iter().any(|r| {
+        r.from
+            .iter()
+            .flatten()
+            .any(|f| f.source.as_ref().is_some_and(|s| s.has_trust_domains()))
+    });
+    let td_msg = if mesh.strict_policy {
+        TRUST_DOMAINS_STRICT
+    } else {
+        TRUST_DOMAINS_DROPPED
+    };
+    out.status = if found_http.is_empty() && td_used {
+        zt(false, "UnsupportedValue", td_msg.into())
+    } else if found_http.is_empty() {
         zt(true, "Accepted", "attached to ztunnel".into())
     } else {
         let boilerplate = match action {
@@ -390,11 +406,16 @@ pub fn convert(p: &AuthorizationPolicy, mesh: &MeshConfig) -> L4Conversion {
             L4Action::Deny => HTTP_DENY_BOILERPLATE,
         };
         let found = found_http.into_iter().collect::<Vec<_>>().join(", ");
+        let td = if td_used {
+            format!(" {td_msg}")
+        } else {
+            String::new()
+        };
         zt(
             false,
             "UnsupportedValue",
             format!(
-                "{HTTP_FMT_PREFIX}{found}). In ambient mode you must use a waypoint proxy to enforce HTTP rules. {boilerplate}"
+                "{HTTP_FMT_PREFIX}{found}). In ambient mode you must use a waypoint proxy to enforce HTTP rules. {boilerplate}{td}"
             ),
         )
     };

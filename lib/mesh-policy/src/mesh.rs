@@ -104,6 +104,8 @@ pub enum ConditionType {
 /// `AncestorNotBound`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Condition {
+    /// The object's kind (`AuthorizationPolicy`, `PeerAuthentication`).
+    pub kind: &'static str,
     pub policy: String,
     #[serde(rename = "type")]
     pub type_: ConditionType,
@@ -122,11 +124,18 @@ impl Condition {
         message: impl Into<String>,
     ) -> Self {
         Condition {
+            kind: "AuthorizationPolicy",
             policy: policy.to_string(),
             type_,
             status: if ok { "True" } else { "False" },
             reason: reason.to_string(),
             message: message.into(),
         }
+    }
+
+    /// The same condition on an object of another kind.
+    pub fn of_kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
     }
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use mesh_core::policy::{Action, Authorization, Match, Rule, Scope, StringMatch};
 
-use crate::mesh::MeshConfig;
+use crate::mesh::{Condition, ConditionType, MeshConfig};
 use crate::model::{MtlsMode, PeerAuthentication, PolicySet};
 
 pub const STATIC_STRICT_NAME: &str = "istio_converted_static_strict";
@@ -44,6 +44,8 @@ pub struct Effective {
     /// `namespace/name` of the mesh, namespace and workload PeerAuthentication in effect.
     pub chosen: Vec<String>,
     pub notes: Vec<String>,
+    /// `ZtunnelAccepted` on PeerAuthentications whose settings ambient does not honour.
+    pub conditions: Vec<Condition>,
 }
 
 fn oldest<'a>(it: impl Iterator<Item = &'a PeerAuthentication>) -> Option<&'a PeerAuthentication> {
@@ -215,6 +217,19 @@ pub fn for_workload(
                                 .filter(|(_, m)| m.mode == MtlsMode::Disable)
                                 .map(|(p, _)| p.to_string())
                                 .collect();
+                            eff.conditions.push(
+                                Condition::new(
+                                    &w.key(),
+                                    ConditionType::ZtunnelAccepted,
+                                    false,
+                                    "UnsupportedValue",
+                                    format!(
+                                        "portLevelMtls DISABLE for port(s) {} is ignored in ambient under an inherited STRICT mode; use PERMISSIVE",
+                                        disabled.join(", ")
+                                    ),
+                                )
+                                .of_kind("PeerAuthentication"),
+                            );
                             eff.notes.push(format!(
                                 "PeerAuthentication {}: mode UNSET under an inherited STRICT honours only PERMISSIVE port exceptions in ambient, so the DISABLE exception for port(s) {} is ignored and plaintext there is still denied (Istio quirk, copied; use mode PERMISSIVE on the port)",
                                 w.key(),

@@ -46,7 +46,8 @@ pub enum ZtunnelAttachment {
 }
 
 /// Policies ztunnel enforces for the workload `namespace`/`labels`, in input order, plus
-/// notes about policies that look aimed at it but are not attached.
+/// notes (and `ZtunnelAccepted` conditions) about policies that look aimed at it but are not
+/// attached.
 pub fn ztunnel_policies<'a>(
     set: &'a PolicySet,
     mesh: &MeshConfig,
@@ -55,10 +56,12 @@ pub fn ztunnel_policies<'a>(
 ) -> (
     Vec<(&'a AuthorizationPolicy, ZtunnelAttachment)>,
     Vec<String>,
+    Vec<Condition>,
 ) {
     let root = mesh.root_namespace.as_str();
     let mut out = Vec::new();
     let mut notes = Vec::new();
+    let mut conds = Vec::new();
     for p in &set.authorization_policies {
         if !p.spec.all_target_refs().is_empty() {
             continue;
@@ -79,6 +82,13 @@ pub fn ztunnel_policies<'a>(
                         p.key()
                     ));
                 } else {
+                    conds.push(Condition::new(
+                        &p.key(),
+                        ConditionType::ZtunnelAccepted,
+                        false,
+                        "UnsupportedValue",
+                        "an empty selector attaches to no workload in ambient mode; remove `selector` for a namespace-wide policy",
+                    ));
                     notes.push(format!(
                         "{}: `selector: {{}}` attaches to no workload in ambient (sidecars would apply it to the whole namespace); this policy is not enforced here. Remove the selector for a namespace-wide policy, or set strictPolicy: true",
                         p.key()
@@ -89,7 +99,7 @@ pub fn ztunnel_policies<'a>(
             Some(_) => {}
         }
     }
-    (out, notes)
+    (out, notes, conds)
 }
 
 /// What a waypoint hop knows about where the request is going.
@@ -360,7 +370,7 @@ spec: {targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name:
     fn ztunnel_attachment() {
         let set = parse_objects("t.yaml", POLICIES).unwrap();
         let labels = BTreeMap::from([("app".to_string(), "httpbin".to_string())]);
-        let (ps, notes) = ztunnel_policies(&set, &MeshConfig::default(), "foo", &labels);
+        let (ps, notes, _) = ztunnel_policies(&set, &MeshConfig::default(), "foo", &labels);
         let keys: Vec<String> = ps.iter().map(|(p, _)| p.key()).collect();
         assert_eq!(
             keys,
@@ -376,7 +386,7 @@ spec: {targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name:
             strict_policy: true,
             ..Default::default()
         };
-        let (ps, _) = ztunnel_policies(&set, &strict, "foo", &labels);
+        let (ps, _, _) = ztunnel_policies(&set, &strict, "foo", &labels);
         assert!(ps.iter().any(
             |(p, a)| p.key() == "foo/empty-sel" && *a == ZtunnelAttachment::EmptySelectorStrict
         ));

@@ -690,3 +690,42 @@ fn layered_flag_enforces_waypoint_selector_allow_with_l4_semantics() {
         "waypoint:allow(-) ztunnel:allow(-)"
     );
 }
+
+#[test]
+fn s1i10_every_quirk_has_a_status_condition() {
+    // authz-semantics §1 item 10: trustDomains dropped, empty selector, PeerAuthentication
+    // UNSET + DISABLE port; each gets ZtunnelAccepted=False UnsupportedValue.
+    let cond = |pols: &str| {
+        run(pols, "plain", "")
+            .conditions
+            .into_iter()
+            .map(|c| {
+                format!(
+                    "{} {} {:?}={} {}",
+                    c.kind, c.policy, c.type_, c.status, c.reason
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        cond("foo/td\n  rules: [{from: [{source: {trustDomains: [a.b]}}]}]\n"),
+        vec!["AuthorizationPolicy foo/td ZtunnelAccepted=False UnsupportedValue"]
+    );
+    assert_eq!(
+        cond("foo/empty\n  selector: {}\n  rules: [{}]\n"),
+        vec!["AuthorizationPolicy foo/empty ZtunnelAccepted=False UnsupportedValue"]
+    );
+    let quirk = format!(
+        "{}---\n{}",
+        pa("foo", "ns", "  mtls: {mode: STRICT}\n"),
+        pa(
+            "foo",
+            "w",
+            "  selector: {matchLabels: {app: httpbin}}\n  portLevelMtls: {8080: {mode: DISABLE}}\n"
+        )
+    );
+    assert_eq!(
+        cond(&quirk),
+        vec!["PeerAuthentication foo/w ZtunnelAccepted=False UnsupportedValue"]
+    );
+}
