@@ -41,7 +41,7 @@ pub async fn start(
     }
     .map_err(|e| format!("opening the host netns: {e}"))?;
     let registry = Arc::new(Registry::default());
-    let zds = ZdsServer::start(&cfg.ztunnel_uds, registry.clone()).map_err(|e| e.to_string())?;
+    let zds = ZdsServer::new(&cfg.ztunnel_uds);
     let settings = Settings {
         node_name: cfg.node_name.clone(),
         policy: cfg.policy(),
@@ -56,14 +56,16 @@ pub async fn start(
             source,
             zds.clone(),
             Arc::new(host),
-            registry,
+            registry.clone(),
         )
         .await?,
     );
     // Pods that were already running (agent restart, labels added while it was down).
+    // They are found before ztunnel may connect, so its first snapshot names all of them.
     if let Err(e) = agent.reconcile().await {
         warn!(error = %e, "initial reconcile failed; retrying every resync interval");
     }
+    zds.listen(registry).map_err(|e| e.to_string())?;
     let listener = bind_cni_socket(&cfg.cni_socket)?;
     let a = agent.clone();
     tokio::spawn(serve_plugin(listener, a).instrument(info_span!("cni_sock")));

@@ -143,9 +143,31 @@ impl std::fmt::Debug for ZdsServer {
 }
 
 impl ZdsServer {
-    /// Binds the socket (replacing a stale one) and starts accepting on the current tokio
-    /// runtime.
+    /// A server that is not listening yet: `add` fails with "no ztunnel connection" until
+    /// [`ZdsServer::listen`] is called (after the agent knows its pods, so the first
+    /// snapshot is complete).
+    pub fn new(path: &Path) -> ZdsServer {
+        ZdsServer {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                conns: Mutex::new(Vec::new()),
+                next_id: AtomicU64::new(1),
+                snapshots: watch::channel(0).0,
+            }),
+        }
+    }
+
+    /// `new` + `listen`.
     pub fn start(path: &Path, source: Arc<dyn SnapshotSource>) -> Result<ZdsServer, ZdsError> {
+        let server = ZdsServer::new(path);
+        server.listen(source)?;
+        Ok(server)
+    }
+
+    /// Binds the socket (replacing a stale one) and starts accepting on the current tokio
+    /// runtime. Every new connection gets a snapshot of `source`.
+    pub fn listen(&self, source: Arc<dyn SnapshotSource>) -> Result<(), ZdsError> {
+        let path = self.inner.path.clone();
         let bind_err = |source: io::Error| ZdsError::Bind {
             path: path.display().to_string(),
             source,
@@ -153,31 +175,23 @@ impl ZdsServer {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(bind_err)?;
         }
-        match std::fs::remove_file(path) {
+        match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(bind_err(e)),
         }
         let sock = Socket::new(Domain::UNIX, Type::SEQPACKET, None).map_err(bind_err)?;
-        sock.bind(&SockAddr::unix(path).map_err(bind_err)?)
+        sock.bind(&SockAddr::unix(&path).map_err(bind_err)?)
             .map_err(bind_err)?;
         sock.listen(16).map_err(bind_err)?;
         let listener = register_socket(sock).map_err(bind_err)?;
-        let server = ZdsServer {
-            inner: Arc::new(Inner {
-                path: path.to_path_buf(),
-                conns: Mutex::new(Vec::new()),
-                next_id: AtomicU64::new(1),
-                snapshots: watch::channel(0).0,
-            }),
-        };
-        let s = server.clone();
+        let s = self.clone();
         tokio::spawn(
             async move { s.accept_loop(listener, source).await }
                 .instrument(info_span!("zds", path = %path.display())),
         );
-        info!(path = %path.display(), "ZDS server listening");
-        Ok(server)
+        info!(path = %self.inner.path.display(), "ZDS server listening");
+        Ok(())
     }
 
     async fn accept_loop(self, listener: AsyncFd<Socket>, source: Arc<dyn SnapshotSource>) {
