@@ -749,10 +749,11 @@ pub fn explain(
     );
     let mut path_warnings = Vec::new();
     let mut conditions = Vec::new();
+    // The workload's Service, whether or not the client dialled it: a pod-IP client skips
+    // the Service's waypoint and with it every policy targeting the Service.
     let service_ref = dest
         .service
         .as_ref()
-        .filter(|_| dest.addressed_to == AddressedTo::Service)
         .map(|s| (dest.namespace.as_str(), s.name.as_str()));
     if let Traversal::Bypassed(why) = &traversal {
         path_warnings.push(format!("waypoint bypassed: {why}"));

@@ -96,7 +96,8 @@ fn check_trust_domains(errs: &mut Vec<String>, key: &str, values: &[String]) {
     check_empty_values(errs, key, values);
     for v in values {
         let stars = v.matches('*').count();
-        let inner = v.len() > 1 && v[1..v.len() - 1].contains('*');
+        let chars: Vec<char> = v.chars().collect();
+        let inner = chars.len() > 2 && chars[1..chars.len() - 1].contains(&'*');
         if stars > 1 || inner {
             errs.push(format!(
                 "{key} value {v:?}: a wildcard `*` is allowed once, only at the start or the end"

@@ -132,3 +132,109 @@ proptest! {
         prop_assert_eq!(evaluate([&c], &conn).allowed, !octets.contains(&src));
     }
 }
+
+// Robustness: any string in any field of a policy is either rejected with a message or
+// explained; nothing panics (issue 5 §4 "Never a panic").
+const FIELDS: [&str; 14] = [
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "serviceAccounts",
+    "notServiceAccounts",
+    "ipBlocks",
+    "notIpBlocks",
+    "remoteIpBlocks",
+    "requestPrincipals",
+    "trustDomains",
+    "notTrustDomains",
+    "namespaces",
+    "notNamespaces",
+    "notRequestPrincipals",
+];
+const OPS: [&str; 8] = [
+    "ports",
+    "notPorts",
+    "paths",
+    "notPaths",
+    "methods",
+    "notMethods",
+    "hosts",
+    "notHosts",
+];
+const KEYS: [&str; 8] = [
+    "source.ip",
+    "destination.port",
+    "request.headers[x]",
+    "request.auth.claims[a][b]",
+    "connection.sni",
+    "experimental.envoy.filters.a[b]",
+    "source.trustDomain",
+    "weird",
+];
+
+proptest! {
+    #[test]
+    fn arbitrary_values_never_panic(
+        f in 0..FIELDS.len(),
+        o in 0..OPS.len(),
+        k in 0..KEYS.len(),
+        deny in any::<bool>(),
+        v in "\\PC{0,12}",
+        w in "[*/{}a-z0-9.:%é]{0,12}",
+    ) {
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        let (v, w) = (esc(&v), esc(&w));
+        let text = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: foo}}\nspec:\n  targetRefs: [{{kind: Service, name: httpbin}}]\n  action: {}\n  rules:\n  - from: [{{source: {{{}: [\"{v}\", \"{w}\"]}}}}]\n    to: [{{operation: {{{}: [\"{w}\"]}}}}]\n    when: [{{key: \"{}\", values: [\"{v}\"], notValues: [\"{w}\"]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: q, namespace: foo}}\nspec:\n  action: {}\n  rules:\n  - from: [{{source: {{{}: [\"{w}\"]}}}}]\n    to: [{{operation: {{{}: [\"{v}\"]}}}}]\n",
+            if deny { "DENY" } else { "ALLOW" },
+            FIELDS[f], OPS[o], KEYS[k],
+            if deny { "ALLOW" } else { "DENY" },
+            FIELDS[f], OPS[o],
+        );
+        let Ok(set) = parse_objects("p.yaml", &text) else { return Ok(()) };
+        let mut req = base_request();
+        let _ = mesh_policy::explain(&set, &MeshConfig::default(), &req);
+        req.protocol = mesh_policy::explain::Protocol::Http;
+        req.http = Some(mesh_policy::explain::HttpRequest {
+            method: "GET".into(),
+            path: format!("/{}", w.replace('?', "")),
+            host: v.clone(),
+            ..Default::default()
+        });
+        let _ = mesh_policy::explain(&set, &MeshConfig { strict_policy: true, ..Default::default() }, &req);
+    }
+}
+
+fn base_request() -> mesh_policy::Request {
+    use mesh_policy::explain::*;
+    Request {
+        source: Client {
+            identity: Some("spiffe://cluster.local/ns/bar/sa/sleep".parse().unwrap()),
+            ip: "10.244.1.5".parse().unwrap(),
+        },
+        destination: Destination {
+            namespace: "foo".into(),
+            workload: Workload {
+                labels: Default::default(),
+                service_account: "httpbin".into(),
+                ip: "10.244.2.7".parse().unwrap(),
+                port: 8080,
+            },
+            service: Some(Service {
+                name: "httpbin".into(),
+                vip: "10.96.10.20".parse().unwrap(),
+                port: 8000,
+            }),
+            addressed_to: mesh_policy::scope::AddressedTo::Service,
+        },
+        protocol: Protocol::Tcp,
+        http: None,
+        waypoint: Some(Waypoint {
+            name: "waypoint".into(),
+            namespace: "default".into(),
+            service_account: "waypoint".into(),
+            ip: "10.244.3.9".parse().unwrap(),
+            for_: mesh_policy::scope::WaypointFor::All,
+        }),
+    }
+}
