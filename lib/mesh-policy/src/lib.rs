@@ -10,11 +10,13 @@
 //! - [`peerauthn`]: PeerAuthentication as ztunnel DENY policies;
 //! - [`rbac`]: the waypoint evaluator (Envoy RBAC semantics, HTTP and TCP chains);
 //! - [`matcher`], [`path`]: value matchers and path normalization;
+//! - [`istiod`]: the Authorization resources and per-workload policy keys xDS carries;
 //! - [`explain`]: the end-to-end, multi-hop decision with the deciding policy and rule.
 //!
 //! Semantics: `shared/reference/authz-semantics.md` and `waypoint-semantics.md`.
 
 pub mod explain;
+pub mod istiod;
 pub mod l4;
 pub mod matcher;
 pub mod mesh;
