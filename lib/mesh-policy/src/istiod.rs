@@ -78,10 +78,11 @@ pub fn workload_policy_keys(
     let mut keys: Vec<String> = Vec::new();
     let (ps, _, _) = scope::ztunnel_policies(set, mesh, namespace, labels);
     for (p, _) in ps {
-        if let Some(lp) = l4::convert(p, mesh).policy {
-            if lp.authorization.scope == Scope::WorkloadSelector {
-                keys.push(lp.authorization.key());
-            }
+        if let Some(lp) = l4::convert(p, mesh)
+            .policy
+            .filter(|lp| lp.authorization.scope == Scope::WorkloadSelector)
+        {
+            keys.push(lp.authorization.key());
         }
     }
     for a in peerauthn::for_workload(set, mesh, namespace, labels).policies {
