@@ -444,7 +444,8 @@ fn s6_4_waypoint_aliases_trust_domains() {
 
 // JWT at the waypoint. Sources: istio.io docs/tasks/security/authentication/authn-policy
 // ("request with an invalid token is rejected"), docs/reference/config/security/conditions
-// (request.auth.*), authz-semantics §6.2 requestPrincipals.
+// (request.auth.*), authz-semantics §6.2 requestPrincipals; a token whose issuer no jwtRule
+// names gets 401 "Jwt issuer is not configured" (istio/istio#39427, #40718).
 const RA: &str = "---\nfoo/jwt RequestAuthentication\n  targetRefs: [{kind: Service, group: \"\", name: httpbin}]\n  jwtRules: [{issuer: https://issuer.example.com}]\n";
 
 #[test_case(&format!("{}{RA}", svc("  rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]\n")), "wp+http:GET:/" => "waypoint:deny(-)" ; "s6_2 require jwt denies a request without token")]
