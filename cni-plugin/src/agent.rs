@@ -238,6 +238,18 @@ impl Agent {
             pod: key.clone(),
             reason: format!("reading the pod source: {e}"),
         })?;
+        // The agent's own view decides when it knows the pod (the plugin may have read the
+        // labels just before they changed); a pod it does not know yet is taken on the
+        // plugin's word and reconciled later.
+        let verdict = state.pod(namespace, name).map(|p| {
+            self.settings
+                .policy
+                .decide(p, state.namespace_labels(namespace))
+        });
+        if let Some(Decision::Skip(reason)) = verdict {
+            info!(pod = %key, reason = reason.as_str(), "not enrolling: the pod is not ambient (any more)");
+            return Ok(());
+        }
         let mut pod = match state.pod(namespace, name) {
             Some(p) => p.clone(),
             None => Pod {

@@ -20,7 +20,11 @@ fn bad_configuration_exits_64_naming_every_problem() {
         .args(["--install-cni", "false", "--resync-interval", "soon"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "clap rejects an unparsable flag value");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap rejects an unparsable flag value"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("duration"), "{err}");
 
@@ -31,7 +35,10 @@ fn bad_configuration_exits_64_naming_every_problem() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("NODE_NAME") && err.contains("POD_SOURCE_DIR"), "{err}");
+    assert!(
+        err.contains("NODE_NAME") && err.contains("POD_SOURCE_DIR"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -41,7 +48,11 @@ fn starts_binds_installs_host_rule_and_stops_on_sigterm() {
     }
     let dir = tempfile::tempdir().unwrap();
     let host = TestNs::new("abin");
-    std::fs::write(dir.path().join("cluster.yaml"), "namespaces: []\npods: []\n").unwrap();
+    std::fs::write(
+        dir.path().join("cluster.yaml"),
+        "namespaces: []\npods: []\n",
+    )
+    .unwrap();
     let (cni, zds) = (dir.path().join("cni.sock"), dir.path().join("ztunnel.sock"));
     let mut agent = Proc(
         Command::new(env!("CARGO_BIN_EXE_mesh-cni-agent"))
@@ -58,8 +69,14 @@ fn starts_binds_installs_host_rule_and_stops_on_sigterm() {
             .spawn()
             .unwrap(),
     );
-    wait_until("both sockets bound", Duration::from_secs(10), || cni.exists() && zds.exists());
-    assert!(host.owned_rules(false).iter().any(|l| l.contains("--to-source 169.254.7.127")));
+    wait_until("both sockets bound", Duration::from_secs(10), || {
+        cni.exists() && zds.exists()
+    });
+    assert!(
+        host.owned_rules(false)
+            .iter()
+            .any(|l| l.contains("--to-source 169.254.7.127"))
+    );
     let pid = nix::unistd::Pid::from_raw(agent.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let mut status = None;
@@ -68,5 +85,8 @@ fn starts_binds_installs_host_rule_and_stops_on_sigterm() {
         status.is_some()
     });
     assert!(status.unwrap().success(), "{status:?}");
-    assert!(!host.owned_rules(false).is_empty(), "host rule must stay on shutdown");
+    assert!(
+        !host.owned_rules(false).is_empty(),
+        "host rule must stay on shutdown"
+    );
 }

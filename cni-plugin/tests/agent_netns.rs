@@ -434,6 +434,28 @@ async fn non_ambient_pod_is_untouched_and_vanished_netns_is_a_clean_error() {
         "a non-ambient pod got rules"
     );
     assert!(running.agent.registry().phases().is_empty());
+    // Even if asked directly (a plugin that read the labels just before they changed), the
+    // agent goes by its own view and leaves the pod alone.
+    let req = cni_plugin::protocol::Request::Add {
+        pod_namespace: "foo".into(),
+        pod_name: "app-n".into(),
+        pod_uid: Some("uid-n".into()),
+        netns: pod.path(),
+        container_id: "c".into(),
+        ips: vec!["10.222.0.1".parse().unwrap()],
+    };
+    let sock = lab.cfg.cni_socket.clone();
+    tokio::task::spawn_blocking(move || {
+        cni_plugin::protocol::call(&sock, &req, Duration::from_secs(5))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        pod.owned_rules(false).is_empty(),
+        "the agent enrolled a non-ambient pod"
+    );
+    assert!(running.agent.registry().phases().is_empty());
 
     // An ambient pod whose sandbox netns is gone by the time the agent opens it.
     lab.cluster(true, &[("app-v", "uid-v", "10.222.0.9")]);
