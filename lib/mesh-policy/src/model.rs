@@ -14,11 +14,16 @@ use serde::Deserialize;
 pub struct Origin {
     pub file: String,
     pub document: usize,
+    /// The 0-based index in a `kind: List` document (`kubectl get -o yaml` output).
+    pub item: Option<usize>,
 }
 
 impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (document {})", self.file, self.document)
+        match self.item {
+            Some(i) => write!(f, "{} (document {}, items[{i}])", self.file, self.document),
+            None => write!(f, "{} (document {})", self.file, self.document),
+        }
     }
 }
 
@@ -589,6 +594,7 @@ pub fn parse_objects(file: &str, text: &str) -> Result<PolicySet, Box<ParseError
                     origin: Origin {
                         file: file.to_string(),
                         document,
+                        item: None,
                     },
                     message: shift_lines(&e.to_string(), first_line),
                 }));
@@ -601,121 +607,151 @@ pub fn parse_objects(file: &str, text: &str) -> Result<PolicySet, Box<ParseError
         let origin = Origin {
             file: file.to_string(),
             document,
+            item: None,
         };
-        let (Some(api_version), Some(kind)) = (
-            value.get("apiVersion").and_then(|v| v.as_str()),
-            value.get("kind").and_then(|v| v.as_str()),
-        ) else {
-            let found = match &value {
-                serde_yaml::Value::Mapping(_) => "a mapping without them".to_string(),
-                other => format!("{other:?}"),
-            };
-            return Err(Box::new(ParseError::NotAnObject { origin, found }));
-        };
-        let meta_name = value
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(|n| n.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let meta_ns = value
-            .get("metadata")
-            .and_then(|m| m.get("namespace"))
-            .and_then(|n| n.as_str())
-            .unwrap_or("default")
-            .to_string();
-        let field_err = |message: String| {
-            Box::new(ParseError::Field {
-                origin: origin.clone(),
-                kind: kind.to_string(),
-                namespace: meta_ns.clone(),
-                name: meta_name.clone(),
-                message: shift_lines(&message, first_line),
-            })
-        };
-        let known = matches!(
-            kind,
-            "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"
-        );
-        if !known {
+        let is_list = value.get("kind").and_then(|v| v.as_str()) == Some("List");
+        if let (true, Some(items)) = (is_list, value.get("items").and_then(|i| i.as_sequence())) {
+            for (i, item) in items.iter().enumerate() {
+                let text = serde_yaml::to_string(item).map_err(|e| {
+                    Box::new(ParseError::Yaml {
+                        origin: origin.clone(),
+                        message: e.to_string(),
+                    })
+                })?;
+                let origin = Origin {
+                    item: Some(i),
+                    ..origin.clone()
+                };
+                parse_document(&mut set, origin, 1, &text, item)?;
+            }
             continue;
         }
-        if !api_version.starts_with("security.istio.io/") {
-            continue;
-        }
-        if !SECURITY_VERSIONS.contains(&api_version) {
-            return Err(Box::new(ParseError::ApiVersion {
-                origin,
-                kind: kind.to_string(),
-                namespace: meta_ns,
-                name: meta_name,
-                api_version: api_version.to_string(),
-            }));
-        }
-        if meta_name.is_empty() {
-            return Err(Box::new(ParseError::NoName {
-                origin,
-                kind: kind.to_string(),
-            }));
-        }
-        match kind {
-            "AuthorizationPolicy" => {
-                let env: Envelope<AuthorizationPolicySpec> =
-                    serde_yaml::from_str(&doc).map_err(|e| field_err(e.to_string()))?;
-                set.authorization_policies.push(AuthorizationPolicy {
-                    meta: env.metadata,
-                    spec: env.spec.unwrap_or_default(),
-                    origin: origin.clone(),
-                });
-            }
-            "PeerAuthentication" => {
-                let env: Envelope<RawPeerAuthenticationSpec> =
-                    serde_yaml::from_str(&doc).map_err(|e| field_err(e.to_string()))?;
-                let raw = env.spec.unwrap_or_default();
-                let mut bad_port_keys = Vec::new();
-                let mut port_level_mtls = None;
-                if let Some(m) = raw.port_level_mtls {
-                    let mut out = BTreeMap::new();
-                    for (k, v) in m {
-                        let key = match &k {
-                            serde_yaml::Value::String(s) => s.clone(),
-                            serde_yaml::Value::Number(n) => n.to_string(),
-                            other => format!("{other:?}"),
-                        };
-                        let mtls: Mtls = serde_yaml::from_value(v)
-                            .map_err(|e| field_err(format!("spec.portLevelMtls.{key}: {e}")))?;
-                        match key.parse::<u32>() {
-                            Ok(p) => {
-                                out.insert(p, mtls);
-                            }
-                            Err(_) => bad_port_keys.push(key),
-                        }
-                    }
-                    port_level_mtls = Some(out);
-                }
-                set.peer_authentications.push(PeerAuthentication {
-                    meta: env.metadata,
-                    spec: PeerAuthenticationSpec {
-                        selector: raw.selector,
-                        mtls: raw.mtls,
-                        port_level_mtls,
-                        bad_port_keys,
-                    },
-                    origin: origin.clone(),
-                });
-            }
-            _ => {
-                let env: Envelope<RequestAuthenticationSpec> =
-                    serde_yaml::from_str(&doc).map_err(|e| field_err(e.to_string()))?;
-                set.request_authentications.push(RequestAuthentication {
-                    meta: env.metadata,
-                    spec: env.spec.unwrap_or_default(),
-                    origin: origin.clone(),
-                });
-            }
-        }
+        parse_document(&mut set, origin, first_line, &doc, &value)?;
     }
     Ok(set)
+}
+
+/// Parses one object (a document, or an item of a `List`) into `set`.
+fn parse_document(
+    set: &mut PolicySet,
+    origin: Origin,
+    first_line: usize,
+    doc: &str,
+    value: &serde_yaml::Value,
+) -> Result<(), Box<ParseError>> {
+    let (Some(api_version), Some(kind)) = (
+        value.get("apiVersion").and_then(|v| v.as_str()),
+        value.get("kind").and_then(|v| v.as_str()),
+    ) else {
+        let found = match &value {
+            serde_yaml::Value::Mapping(_) => "a mapping without them".to_string(),
+            other => format!("{other:?}"),
+        };
+        return Err(Box::new(ParseError::NotAnObject { origin, found }));
+    };
+    let meta_name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let meta_ns = value
+        .get("metadata")
+        .and_then(|m| m.get("namespace"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("default")
+        .to_string();
+    let field_err = |message: String| {
+        Box::new(ParseError::Field {
+            origin: origin.clone(),
+            kind: kind.to_string(),
+            namespace: meta_ns.clone(),
+            name: meta_name.clone(),
+            message: shift_lines(&message, first_line),
+        })
+    };
+    let known = matches!(
+        kind,
+        "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"
+    );
+    if !known {
+        return Ok(());
+    }
+    if !api_version.starts_with("security.istio.io/") {
+        return Ok(());
+    }
+    if !SECURITY_VERSIONS.contains(&api_version) {
+        return Err(Box::new(ParseError::ApiVersion {
+            origin,
+            kind: kind.to_string(),
+            namespace: meta_ns,
+            name: meta_name,
+            api_version: api_version.to_string(),
+        }));
+    }
+    if meta_name.is_empty() {
+        return Err(Box::new(ParseError::NoName {
+            origin,
+            kind: kind.to_string(),
+        }));
+    }
+    match kind {
+        "AuthorizationPolicy" => {
+            let env: Envelope<AuthorizationPolicySpec> =
+                serde_yaml::from_str(doc).map_err(|e| field_err(e.to_string()))?;
+            set.authorization_policies.push(AuthorizationPolicy {
+                meta: env.metadata,
+                spec: env.spec.unwrap_or_default(),
+                origin: origin.clone(),
+            });
+        }
+        "PeerAuthentication" => {
+            let env: Envelope<RawPeerAuthenticationSpec> =
+                serde_yaml::from_str(doc).map_err(|e| field_err(e.to_string()))?;
+            let raw = env.spec.unwrap_or_default();
+            let mut bad_port_keys = Vec::new();
+            let mut port_level_mtls = None;
+            if let Some(m) = raw.port_level_mtls {
+                let mut out = BTreeMap::new();
+                for (k, v) in m {
+                    let key = match &k {
+                        serde_yaml::Value::String(s) => s.clone(),
+                        serde_yaml::Value::Number(n) => n.to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    let mtls: Mtls = serde_yaml::from_value(v)
+                        .map_err(|e| field_err(format!("spec.portLevelMtls.{key}: {e}")))?;
+                    match key.parse::<u32>() {
+                        Ok(p) => {
+                            out.insert(p, mtls);
+                        }
+                        Err(_) => bad_port_keys.push(key),
+                    }
+                }
+                port_level_mtls = Some(out);
+            }
+            set.peer_authentications.push(PeerAuthentication {
+                meta: env.metadata,
+                spec: PeerAuthenticationSpec {
+                    selector: raw.selector,
+                    mtls: raw.mtls,
+                    port_level_mtls,
+                    bad_port_keys,
+                },
+                origin: origin.clone(),
+            });
+        }
+        _ => {
+            let env: Envelope<RequestAuthenticationSpec> =
+                serde_yaml::from_str(doc).map_err(|e| field_err(e.to_string()))?;
+            set.request_authentications.push(RequestAuthentication {
+                meta: env.metadata,
+                spec: env.spec.unwrap_or_default(),
+                origin: origin.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Rewrites serde_yaml's "at line N" (relative to one document) to the file's line numbers.
@@ -822,6 +858,33 @@ spec: {selector: {}}
         let ap = &set.authorization_policies[0];
         assert_eq!(ap.key(), "default/a");
         assert_eq!(ap.spec.selector, Some(WorkloadSelector::default()));
+    }
+
+    #[test]
+    fn kubectl_list_output_is_read_item_by_item() {
+        let text = "apiVersion: v1
+kind: List
+items:
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: a, namespace: foo, uid: x, resourceVersion: \"1\"}
+  spec: {action: DENY, rules: [{}]}
+  status: {conditions: []}
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: b, namespace: foo}
+  spec: {rules: [{form: []}]}
+";
+        let e = parse_objects("l.yaml", text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("l.yaml (document 1, items[1]): AuthorizationPolicy foo/b"),
+            "{e}"
+        );
+        assert!(e.contains("unknown field `form`"), "{e}");
+        let ok = text.replace("form", "from");
+        let set = parse_objects("l.yaml", &ok).unwrap();
+        assert_eq!(set.authorization_policies.len(), 2);
+        assert_eq!(set.authorization_policies[0].origin.item, Some(0));
     }
 
     #[test]
