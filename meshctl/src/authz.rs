@@ -508,3 +508,157 @@ pub fn render_text(exp: &Explanation, req: &Request) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "source: {identity: spiffe://cluster.local/ns/bar/sa/sleep, ip: 10.244.1.5}
+destination:
+  namespace: foo
+  workload: {labels: {app: httpbin}, service_account: httpbin, ip: 10.244.2.7, port: 8080}
+  service: {name: httpbin, vip: 10.96.10.20, port: 8000}
+protocol: http
+http: {method: GET, path: /ip, host: h, jwt: {present: true, valid: true, iss: i, sub: s, claims: {groups: [dev]}}}
+waypoint: {name: waypoint, namespace: default, ip: 10.244.3.9}
+";
+
+    fn load(name: &str, text: &str, f: fn(&Path) -> Result<(), InputError>) -> String {
+        let dir = std::env::temp_dir().join(format!("meshctl-authz-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f.yaml");
+        std::fs::write(&p, text).unwrap();
+        let r = f(&p).err().map(|e| e.to_string()).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    fn req_err(name: &str, text: &str) -> String {
+        load(name, text, |p| load_request(p).map(|_| ()))
+    }
+
+    fn mesh_err(name: &str, text: &str) -> String {
+        load(name, text, |p| load_mesh(Some(p)).map(|_| ()))
+    }
+
+    #[test]
+    fn good_request_and_defaults() {
+        assert_eq!(req_err("good", GOOD), "");
+        let dir =
+            std::env::temp_dir().join(format!("meshctl-authz-{}-defaults", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("r.yaml");
+        std::fs::write(&p, GOOD).unwrap();
+        let r = load_request(&p).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            r.destination.addressed_to,
+            AddressedTo::Service,
+            "service given"
+        );
+        let w = r.waypoint.unwrap();
+        assert_eq!(
+            (w.service_account.as_str(), w.for_),
+            ("waypoint", WaypointFor::Service)
+        );
+        assert_eq!(r.http.unwrap().jwt.unwrap().claims["groups"][0], "dev");
+    }
+
+    #[test]
+    fn malformed_requests_name_the_field() {
+        let cases = [
+            (
+                "ip",
+                GOOD.replace("ip: 10.244.1.5", "ip: nope"),
+                "source.ip: \"nope\" is not an IP address",
+            ),
+            (
+                "noip",
+                GOOD.replace(", ip: 10.244.1.5", ""),
+                "source: missing field `ip`",
+            ),
+            (
+                "vip",
+                GOOD.replace("vip: 10.96.10.20", "vip: x"),
+                "destination.service.vip",
+            ),
+            (
+                "port",
+                GOOD.replace("port: 8080", "port: -1"),
+                "destination.workload.port",
+            ),
+            (
+                "for",
+                GOOD.replace("ip: 10.244.3.9}", "ip: 10.244.3.9, for: pods}"),
+                "waypoint.for: unknown variant `pods`",
+            ),
+            (
+                "proto",
+                GOOD.replace("protocol: http", "protocol: grpc"),
+                "protocol: unknown variant `grpc`",
+            ),
+            (
+                "nohttp",
+                GOOD.replace("http: {method", "xhttp: {method"),
+                "unknown field `xhttp`",
+            ),
+            (
+                "path",
+                GOOD.replace("path: /ip", "path: ip"),
+                "http.path: \"ip\" must start with `/`",
+            ),
+            (
+                "iss",
+                GOOD.replace("iss: i, ", ""),
+                "http.jwt.iss: required for a valid token",
+            ),
+            (
+                "id",
+                GOOD.replace(
+                    "spiffe://cluster.local/ns/bar/sa/sleep",
+                    "spiffe://cluster.local/bar",
+                ),
+                "source.identity",
+            ),
+            (
+                "svc",
+                GOOD.replace(
+                    "  service: {name: httpbin, vip: 10.96.10.20, port: 8000}\n",
+                    "  addressed_to: service\n",
+                ),
+                "destination.service: required when destination.addressed_to is service",
+            ),
+            (
+                "http",
+                GOOD.replace("http: {method", "#"),
+                "http: required when protocol is http",
+            ),
+        ];
+        for (name, text, want) in cases {
+            let e = req_err(name, &text);
+            assert!(e.contains(want), "{name}: want {want:?} in {e:?}");
+            assert!(e.contains("f.yaml: "), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn mesh_file_errors_name_the_field() {
+        assert_eq!(
+            mesh_err("ok", "strictPolicy: true\ntrust_domain_aliases: [old]\n"),
+            ""
+        );
+        assert!(
+            mesh_err("flag", "feature_flags: {PILOT_AUTO_ALLOW: true}\n")
+                .contains("feature_flags: feature_flags.PILOT_AUTO_ALLOW: unknown flag")
+        );
+        assert!(
+            mesh_err("norm", "path_normalization: FANCY\n")
+                .contains("path_normalization: unknown variant `FANCY`")
+        );
+        assert!(
+            mesh_err("td", "trust_domain: \"Not/Valid\"\n")
+                .contains("trust_domain: \"Not/Valid\" is not a valid trust domain")
+        );
+        assert!(mesh_err("typo", "trust_domian: x\n").contains("unknown field `trust_domian`"));
+    }
+}
