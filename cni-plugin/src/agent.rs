@@ -15,7 +15,7 @@
 //! any time), so every step is idempotent. One operation runs at a time.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -75,6 +75,9 @@ struct Enrolled {
 #[derive(Debug, Default)]
 pub struct Registry {
     pods: Mutex<BTreeMap<String, Enrolled>>,
+    /// Pods annotated `enabled` whose netns the agent has not found (yet): named in the
+    /// snapshot as `KeepWorkload`, so ztunnel keeps serving them instead of draining them.
+    keep: Mutex<BTreeSet<String>>,
 }
 
 impl Registry {
@@ -102,10 +105,18 @@ fn workload(pod: &Pod) -> Workload {
 
 impl SnapshotSource for Registry {
     fn snapshot(&self) -> Vec<SnapshotEntry> {
-        self.lock()
+        let pods = self.lock();
+        let mut out: Vec<SnapshotEntry> = pods
             .values()
             .map(|e| SnapshotEntry::Add(workload(&e.pod), e.netns.clone()))
-            .collect()
+            .collect();
+        let keep = self.keep.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(
+            keep.iter()
+                .filter(|uid| !pods.contains_key(*uid))
+                .map(|uid| SnapshotEntry::Keep(uid.clone())),
+        );
+        out
     }
 }
 
@@ -441,6 +452,26 @@ impl Agent {
                 (false, None) => {}
             }
         }
+        // Enabled pods we could not find a netns for: ztunnel must not drain them.
+        let keep: BTreeSet<String> = {
+            let reg = self.registry.lock();
+            mine.iter()
+                .filter(|p| {
+                    !p.terminated()
+                        && !reg.contains_key(&p.uid)
+                        && p.annotations
+                            .get(REDIRECTION_ANNOTATION)
+                            .is_some_and(|v| v == "enabled")
+                        && self
+                            .settings
+                            .policy
+                            .decide(p, state.namespace_labels(&p.namespace))
+                            == Decision::Ambient
+                })
+                .map(|p| p.uid.clone())
+                .collect()
+        };
+        *self.registry.keep.lock().unwrap_or_else(|p| p.into_inner()) = keep;
         // Pods that were in the source and are gone: deleted.
         let gone: Vec<String> = self
             .registry
