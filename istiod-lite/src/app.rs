@@ -4,6 +4,10 @@
 //!
 //! Data flow: source → `watch<Arc<Index>>` → translator task → `watch<Arc<Snapshot>>` → one
 //! task per xDS stream. The CA reads the index directly (the node rule needs pods).
+//!
+//! Readiness: [`build`] starts the source and waits until it has published a complete index
+//! (the manifests read; with Kubernetes, every watcher's initial list) before binding any
+//! port, so no xDS client or CA caller ever sees a partial view.
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -22,11 +26,12 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
-    authn::{Authenticator, StaticTokens},
+    authn::{Authenticator, StaticTokens, TokenReviewAuthenticator},
     ca::CaServer,
-    config::Config,
+    config::{Config, SourceConfig},
     index::Index,
-    source,
+    k8s,
+    source::{ManifestDir, Source},
     translate::{self, Settings},
     xds::{Snapshot, Stats, XdsServer},
 };
@@ -107,19 +112,40 @@ fn publish(idx: &Index, settings: &Settings, out: &watch::Sender<Arc<Snapshot>>)
 pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
     let ca = Arc::new(load_or_create_ca(&cfg.ca_dir, &cfg.trust_domain)?);
     let root_pem = mesh_tls::cert::to_pem(ca.roots());
-    let authn: Arc<dyn Authenticator> = match &cfg.static_tokens {
-        Some(p) => Arc::new(StaticTokens::load(p)?),
-        None => anyhow::bail!(
-            "no caller authentication: set STATIC_TOKENS (Kubernetes TokenReview arrives with the Kubernetes source)"
-        ),
+    let (trigger, watcher) = drain::new();
+    let (index_tx, index_rx) = watch::channel(Arc::new(Index::default()));
+    let authn: Arc<dyn Authenticator> = match &cfg.source {
+        SourceConfig::Manifests { dir, poll } => {
+            let Some(tokens) = &cfg.static_tokens else {
+                anyhow::bail!("the manifest source needs STATIC_TOKENS");
+            };
+            let authn = StaticTokens::load(tokens)?;
+            ManifestDir {
+                dir: dir.clone(),
+                poll: *poll,
+            }
+            .start(index_tx, watcher.clone())
+            .await?;
+            Arc::new(authn)
+        }
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            token_review_cache,
+        } => {
+            let client = k8s::client(kubeconfig.as_deref()).await?;
+            info!(api = %k8s::describe(kubeconfig.as_ref()), "starting the Kubernetes watches; serving once every kind is listed");
+            k8s::Kubernetes {
+                client: client.clone(),
+            }
+            .start(index_tx, watcher.clone())
+            .await?;
+            Arc::new(TokenReviewAuthenticator::new(
+                client,
+                index_rx.clone(),
+                *token_review_cache,
+            ))
+        }
     };
-
-    let first = source::load_dir(&cfg.manifests)
-        .with_context(|| format!("reading manifests in {}", cfg.manifests.display()))?;
-    for r in &first.rejected {
-        warn!(rejected = %r, "manifest skipped");
-    }
-    let (index_tx, index_rx) = watch::channel(Arc::new(first));
     let settings = Settings {
         cluster_id: cfg.cluster_id.clone(),
         domain_suffix: cfg.domain_suffix.clone(),
@@ -132,16 +158,6 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
     publish(&index_rx.borrow(), &settings, &snap_tx);
 
-    let (trigger, watcher) = drain::new();
-    tokio::spawn(
-        source::watch_dir(
-            cfg.manifests.clone(),
-            cfg.manifests_poll,
-            index_tx,
-            watcher.clone(),
-        )
-        .instrument(info_span!("manifests")),
-    );
     let mut idx_changes = index_rx.clone();
     tokio::spawn(
         async move {

@@ -36,6 +36,22 @@ pub struct Args {
     #[arg(long, env = "MANIFESTS_DIR")]
     pub manifests: Option<PathBuf>,
 
+    /// Watch a Kubernetes API server, reached with this kubeconfig file (its current
+    /// context). Callers are then authenticated by TokenReview.
+    #[arg(long, env = "ISTIOD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Watch the Kubernetes API server of the cluster istiod-lite runs in (the pod's
+    /// service-account token and `KUBERNETES_SERVICE_HOST`). Callers are then authenticated by
+    /// TokenReview.
+    #[arg(long, env = "ISTIOD_IN_CLUSTER", default_value_t = false)]
+    pub in_cluster: bool,
+
+    /// How long a successful TokenReview is reused for the same token, so that every xDS
+    /// stream and certificate request is not an API round trip.
+    #[arg(long, env = "TOKEN_REVIEW_CACHE_TTL", value_parser = parse_duration, default_value = "60s")]
+    pub token_review_cache: Duration,
+
     /// xDS and CA, over TLS.
     #[arg(long, env = "GRPC_ADDR", default_value = "[::]:15012")]
     pub grpc_addr: SocketAddr,
@@ -89,10 +105,29 @@ pub struct Args {
     pub log_level: String,
 }
 
+/// Where objects come from (exactly one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SourceConfig {
+    /// A directory of manifests, polled every `poll`; callers need `STATIC_TOKENS`.
+    Manifests {
+        dir: PathBuf,
+        #[serde(serialize_with = "secs")]
+        poll: Duration,
+    },
+    /// Kubernetes watches; callers are authenticated by TokenReview.
+    Kubernetes {
+        /// `None`: in-cluster configuration.
+        kubeconfig: Option<PathBuf>,
+        #[serde(serialize_with = "secs")]
+        token_review_cache: Duration,
+    },
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub grpc_addr: SocketAddr,
     pub monitor_addr: SocketAddr,
     pub ca_dir: PathBuf,
@@ -104,8 +139,6 @@ pub struct Config {
     pub cluster_id: String,
     #[serde(serialize_with = "secs")]
     pub max_cert_ttl: Duration,
-    #[serde(serialize_with = "secs")]
-    pub manifests_poll: Duration,
     pub log_level: String,
 }
 
@@ -121,6 +154,9 @@ impl Args {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let Args {
             manifests,
+            kubeconfig,
+            in_cluster,
+            token_review_cache,
             grpc_addr,
             monitor_addr,
             ca_dir,
@@ -135,9 +171,40 @@ impl Args {
             log_level,
         } = self;
         let mut errs = Vec::new();
-        if manifests.is_none() {
+        let chosen = [
+            manifests.is_some().then_some("MANIFESTS_DIR (--manifests)"),
+            kubeconfig
+                .is_some()
+                .then_some("ISTIOD_KUBECONFIG (--kubeconfig)"),
+            in_cluster.then_some("ISTIOD_IN_CLUSTER (--in-cluster)"),
+        ];
+        let chosen: Vec<&str> = chosen.into_iter().flatten().collect();
+        if chosen.is_empty() {
             errs.push(
-                "no source: set MANIFESTS_DIR (--manifests) to a directory of Kubernetes YAML (the Kubernetes source is not built yet)"
+                "no source: set one of MANIFESTS_DIR (--manifests, a directory of Kubernetes YAML), ISTIOD_KUBECONFIG (--kubeconfig FILE) or ISTIOD_IN_CLUSTER=true (--in-cluster)"
+                    .to_owned(),
+            );
+        } else if chosen.len() > 1 {
+            errs.push(format!(
+                "more than one source: {} are set; choose one",
+                chosen.join(" and ")
+            ));
+        }
+        if manifests.is_some() && static_tokens.is_none() {
+            errs.push(
+                "the manifest source needs STATIC_TOKENS (--static-tokens): a YAML list of {token, serviceAccount: ns/name, node} for the callers allowed in"
+                    .to_owned(),
+            );
+        }
+        if manifests.is_none() && static_tokens.is_some() {
+            errs.push(
+                "STATIC_TOKENS is only for the manifest source: with Kubernetes, callers are authenticated by TokenReview; unset it"
+                    .to_owned(),
+            );
+        }
+        if token_review_cache > Duration::from_secs(600) {
+            errs.push(
+                "TOKEN_REVIEW_CACHE_TTL must be at most 10m (a revoked token stays accepted that long)"
                     .to_owned(),
             );
         }
@@ -156,14 +223,21 @@ impl Args {
         if manifests_poll.is_zero() {
             errs.push("MANIFESTS_POLL must be positive".to_owned());
         }
-        let Some(manifests) = manifests else {
-            return Err(ConfigError(errs));
-        };
         if !errs.is_empty() {
             return Err(ConfigError(errs));
         }
+        let source = match manifests {
+            Some(dir) => SourceConfig::Manifests {
+                dir,
+                poll: manifests_poll,
+            },
+            None => SourceConfig::Kubernetes {
+                kubeconfig,
+                token_review_cache,
+            },
+        };
         Ok(Config {
-            manifests,
+            source,
             grpc_addr,
             monitor_addr,
             ca_dir,
@@ -174,7 +248,6 @@ impl Args {
             root_namespace,
             cluster_id,
             max_cert_ttl,
-            manifests_poll,
             log_level,
         })
     }
@@ -195,7 +268,7 @@ mod tests {
 
     #[test]
     fn defaults_match_istiod() {
-        let c = args(&["--manifests", "m", "--ca-dir", "ca"]).unwrap();
+        let c = args(&["--manifests", "m", "--static-tokens", "t", "--ca-dir", "ca"]).unwrap();
         assert_eq!(c.grpc_addr.port(), 15012);
         assert_eq!(c.root_namespace, "istio-system");
         assert_eq!(c.max_cert_ttl, Duration::from_secs(86400));
@@ -216,5 +289,42 @@ mod tests {
         for want in ["MANIFESTS_DIR", "TRUST_DOMAIN", "MAX_WORKLOAD_CERT_TTL"] {
             assert!(e.contains(want), "{want} missing from {e}");
         }
+    }
+
+    #[test]
+    fn exactly_one_source() {
+        let c = args(&["--kubeconfig", "kc", "--ca-dir", "ca"]).unwrap();
+        assert_eq!(
+            c.source,
+            SourceConfig::Kubernetes {
+                kubeconfig: Some("kc".into()),
+                token_review_cache: Duration::from_secs(60)
+            }
+        );
+        let c = args(&["--in-cluster", "--ca-dir", "ca"]).unwrap();
+        assert!(matches!(
+            c.source,
+            SourceConfig::Kubernetes {
+                kubeconfig: None,
+                ..
+            }
+        ));
+        let e = args(&["--manifests", "m", "--in-cluster", "--ca-dir", "ca"]).unwrap_err();
+        assert!(e.contains("more than one source"), "{e}");
+        let e = args(&[
+            "--kubeconfig",
+            "kc",
+            "--static-tokens",
+            "t",
+            "--ca-dir",
+            "ca",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("STATIC_TOKENS is only for the manifest source"),
+            "{e}"
+        );
+        let e = args(&["--manifests", "m", "--ca-dir", "ca"]).unwrap_err();
+        assert!(e.contains("needs STATIC_TOKENS"), "{e}");
     }
 }

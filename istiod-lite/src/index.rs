@@ -1,7 +1,7 @@
 //! The in-memory model of what users applied, by kind: apply, delete and reset.
 //!
-//! Sources (the manifest directory, later Kubernetes watches) feed it objects; the
-//! translation reads it. Nothing here knows about xDS. Objects are keyed `namespace/name`
+//! Sources (the manifest directory, Kubernetes watches) feed it objects; the translation
+//! reads it. Nothing here knows about xDS. Objects are keyed `namespace/name`
 //! (namespaces by name). An object a source could not read never reaches the index; the
 //! source reports it in [`Index::rejected`] with the file and field, and everything else
 //! is still applied.
@@ -29,6 +29,17 @@ impl Object {
             Object::Service(_) => "Service",
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Object::PeerAuthentication(_) => "PeerAuthentication",
+        }
+    }
+
+    /// The object's key in its map (a namespace's is its name).
+    pub fn key(&self) -> String {
+        match self {
+            Object::Namespace(n) => n.metadata.name.clone().unwrap_or_default(),
+            Object::Pod(p) => key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref()),
+            Object::Service(s) => key(s.metadata.namespace.as_deref(), s.metadata.name.as_deref()),
+            Object::AuthorizationPolicy(p) => p.key(),
+            Object::PeerAuthentication(p) => p.key(),
         }
     }
 }
@@ -99,6 +110,21 @@ impl Index {
         }
     }
 
+    /// Replaces every object of `kind` with `objects` (a complete listing of that kind).
+    pub fn reset_kind(&mut self, kind: &str, objects: Vec<Object>) {
+        match kind {
+            "Namespace" => self.namespaces.clear(),
+            "Pod" => self.pods.clear(),
+            "Service" => self.services.clear(),
+            "AuthorizationPolicy" => self.authorization_policies.clear(),
+            "PeerAuthentication" => self.peer_authentications.clear(),
+            _ => {}
+        }
+        for o in objects.into_iter().filter(|o| o.kind() == kind) {
+            self.apply(o);
+        }
+    }
+
     /// Replaces everything with a complete listing.
     pub fn reset(objects: Vec<Object>, rejected: Vec<String>) -> Index {
         let mut idx = Index {
@@ -150,5 +176,27 @@ mod tests {
         );
         idx.delete("Pod", "foo/p");
         assert!(idx.pods.is_empty());
+    }
+
+    #[test]
+    fn reset_kind_replaces_only_that_kind() {
+        let (objs, rejected) = crate::source::parse_manifests(
+            "t.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\n",
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let mut idx = Index::reset(objs.clone(), vec![]);
+        assert_eq!(objs[1].key(), "a/s");
+        idx.reset_kind("Namespace", vec![]);
+        assert!(idx.namespaces.is_empty());
+        assert_eq!(idx.services.len(), 1, "other kinds untouched");
+        idx.services.clear();
+        idx.reset_kind("Namespace", objs);
+        assert_eq!(idx.namespaces.len(), 1);
+        assert!(
+            idx.services.is_empty(),
+            "objects of other kinds are not applied"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  manifests dir ─┐                       ┌─► delta ADS (Address, Authorization) ─► ztunnels
-//!  (kube, later) ─┴─► Index ─► translate ─┤
+//!  kube watches ──┴─► Index ─► translate ─┤
 //!                     (apply/   (pure)    └─► CA: CreateCertificate (token → node rule)
 //!                      delete/reset)
 //! ```
@@ -15,6 +15,7 @@ pub mod authn;
 pub mod ca;
 pub mod config;
 pub mod index;
+pub mod k8s;
 pub mod source;
 pub mod translate;
 pub mod xds;

@@ -1,6 +1,11 @@
-//! Where objects come from. Today: a directory of Kubernetes manifests, read as `kubectl
-//! apply -f DIR` would read it (every `*.yaml`/`*.yml`, multi-document), re-read whenever a
-//! file in it changes. The Kubernetes source (kube-rs watches) will feed the same [`Index`].
+//! Where objects come from, behind one seam: a [`Source`] publishes a complete [`Index`] on a
+//! `watch` channel, first once everything has been read (only then does `start` return), then
+//! after every change. Two sources implement it:
+//!
+//! - [`ManifestDir`]: a directory of Kubernetes manifests, read as `kubectl apply -f DIR`
+//!   would read it (every `*.yaml`/`*.yml`, multi-document), re-read whenever a file in it
+//!   changes;
+//! - [`crate::k8s::Kubernetes`]: kube-rs watches on a real API server.
 //!
 //! Bad input never stops the rest: a document that is not YAML, not a Kubernetes object, or
 //! an object that does not parse as its kind is reported (file, document, kind, name and the
@@ -12,10 +17,61 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use std::{future::Future, sync::Arc};
+
+use mesh_rt::drain::DrainWatcher;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::index::{Index, Object};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("reading manifests in {dir}: {source} (MANIFESTS_DIR must be a readable directory)")]
+    Manifests { dir: String, source: std::io::Error },
+    #[error(transparent)]
+    Kubernetes(#[from] crate::k8s::K8sError),
+    #[error("shut down before the initial listing completed")]
+    Stopped,
+}
+
+/// A source of objects. `start` returns once the first complete index is on `out`; the
+/// source then keeps `out` current until `drain` fires.
+pub trait Source {
+    fn start(
+        self,
+        out: watch::Sender<Arc<Index>>,
+        drain: DrainWatcher,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+/// A directory of manifests, polled for changes.
+#[derive(Debug, Clone)]
+pub struct ManifestDir {
+    pub dir: PathBuf,
+    pub poll: Duration,
+}
+
+impl Source for ManifestDir {
+    async fn start(
+        self,
+        out: watch::Sender<Arc<Index>>,
+        drain: DrainWatcher,
+    ) -> Result<(), SourceError> {
+        let first = load_dir(&self.dir).map_err(|source| SourceError::Manifests {
+            dir: self.dir.display().to_string(),
+            source,
+        })?;
+        for r in &first.rejected {
+            warn!(rejected = %r, "manifest skipped");
+        }
+        out.send_replace(Arc::new(first));
+        tokio::spawn(
+            watch_dir(self.dir, self.poll, out, drain).instrument(info_span!("manifests")),
+        );
+        Ok(())
+    }
+}
 
 /// Reads every manifest in `dir` into a fresh index.
 pub fn load_dir(dir: &Path) -> Result<Index, std::io::Error> {
@@ -108,7 +164,7 @@ fn stamp(dir: &Path) -> Option<SystemTime> {
 pub async fn watch_dir(
     dir: PathBuf,
     every: Duration,
-    out: watch::Sender<std::sync::Arc<Index>>,
+    out: watch::Sender<Arc<Index>>,
     drain: mesh_rt::drain::DrainWatcher,
 ) {
     let mut last = stamp(&dir);
@@ -129,7 +185,7 @@ pub async fn watch_dir(
                 }
                 info!(dir = %dir.display(), pods = idx.pods.len(), services = idx.services.len(),
                     policies = idx.authorization_policies.len(), "manifests reloaded");
-                out.send_replace(std::sync::Arc::new(idx));
+                out.send_replace(Arc::new(idx));
             }
             Err(e) => {
                 warn!(dir = %dir.display(), error = %e, "cannot read manifests; keeping the last ones")

@@ -265,7 +265,8 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
         let ambient = is_ambient(idx, pod);
         let mut policies = BTreeSet::new();
         if ambient {
-            let (attached, notes) =
+            // The conditions feed status writing, which is not built yet.
+            let (attached, notes, _conditions) =
                 mesh_policy::scope::ztunnel_policies(&set, &s.mesh, &ns, labels);
             out.notes.extend(notes);
             for (p, how) in attached {

@@ -1,0 +1,583 @@
+//! The Kubernetes source: kube-rs watches feeding the same [`Index`] as the manifest
+//! directory.
+//!
+//! ```text
+//!  Namespace ─┐ (cluster-wide watches, list+watch, reconnect with backoff)
+//!  Pod ───────┤
+//!  Service ───┼─► State (index, per-kind relist buffers, rejections) ─► publisher ─► watch<Arc<Index>>
+//!  AuthorizationPolicy (security.istio.io v1, else v1beta1) ──┤     (coalesces bursts)
+//!  PeerAuthentication  (security.istio.io v1, else v1beta1) ──┘
+//! ```
+//!
+//! - Every watcher applies `Apply`/`Delete` events to the index; a (re)list (`Init`,
+//!   `InitApply`…, `InitDone`) is buffered and replaces that kind at `InitDone`, so objects
+//!   deleted while a watch was down disappear.
+//! - Istio policies are watched as `DynamicObject`s and converted by
+//!   [`mesh_policy::parse_objects`] on their JSON text, so validation is the directory
+//!   source's. An object that fails is logged with its namespace/name and the reason, listed
+//!   in [`Index::rejected`], and skipped (a previous version of it is dropped, as when a
+//!   manifest file turns invalid); the others are unaffected.
+//! - The version watched is the first of `v1`, `v1beta1` that the server serves for the
+//!   resource (objects written in either version are read through it). If the CRD is not
+//!   installed, the kind counts as listed-and-empty and discovery is retried every 10 s.
+//! - Readiness: nothing is published until every kind has completed its first listing;
+//!   [`Kubernetes::start`] returns only then, and the control plane binds its ports after it.
+//!   Later relists (after a watch error) never withdraw the published index.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::{
+    Api, Client, Resource,
+    api::{ApiResource, DynamicObject, TypeMeta},
+    runtime::{WatchStreamExt, watcher},
+};
+use mesh_rt::drain::DrainWatcher;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    index::{self, Index, Object},
+    source::{Source, SourceError},
+};
+
+/// The API group of Istio's security CRDs.
+pub const SECURITY_GROUP: &str = "security.istio.io";
+/// Served versions of the security CRDs, in order of preference.
+pub const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+
+const KINDS: [&str; 5] = [
+    "Namespace",
+    "Pod",
+    "Service",
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+];
+
+/// Bursts of events (a relist, a rollout) within this window make one publish.
+const COALESCE: Duration = Duration::from_millis(50);
+/// How often discovery is retried while a security CRD is not installed.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(10);
+/// How often the wait for the first listing says what it still waits for.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    #[error(
+        "reading the kubeconfig {path}: {reason} (ISTIOD_KUBECONFIG must name a kubeconfig file)"
+    )]
+    Kubeconfig { path: String, reason: String },
+    #[error(
+        "in-cluster Kubernetes configuration: {0} (ISTIOD_IN_CLUSTER needs KUBERNETES_SERVICE_HOST/PORT and the pod's service-account token; outside a cluster use ISTIOD_KUBECONFIG)"
+    )]
+    InCluster(String),
+    #[error("building the Kubernetes client: {0}")]
+    Client(String),
+}
+
+/// A client for the kubeconfig at `path` (its current context), or the in-cluster one.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, K8sError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let bad = |reason: String| K8sError::Kubeconfig {
+                path: path.display().to_string(),
+                reason,
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| bad(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| bad(e.to_string()))?
+        }
+        None => kube::Config::incluster().map_err(|e| K8sError::InCluster(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| K8sError::Client(e.to_string()))
+}
+
+/// A relist in progress for one kind.
+#[derive(Default)]
+struct Relist {
+    objects: Vec<Object>,
+    rejected: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct State {
+    index: Index,
+    /// Kinds whose first listing has not completed.
+    pending: BTreeSet<&'static str>,
+    relisting: BTreeMap<&'static str, Relist>,
+    /// `Kind key` → why the object was refused.
+    rejected: BTreeMap<String, String>,
+}
+
+/// The watchers' common state; a publisher task turns it into indexes.
+struct Shared {
+    state: Mutex<State>,
+    dirty: Notify,
+}
+
+fn rejected_key(kind: &str, key: &str) -> String {
+    format!("{kind} {key}")
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than stopping would; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn init(&self, kind: &'static str) {
+        self.lock().relisting.insert(kind, Relist::default());
+    }
+
+    fn init_apply(&self, kind: &'static str, key: String, obj: Result<Object, String>) {
+        let mut st = self.lock();
+        let relist = st.relisting.entry(kind).or_default();
+        match obj {
+            Ok(o) => relist.objects.push(o),
+            Err(reason) => {
+                warn!(kind, object = %key, %reason, "object refused; the others are applied");
+                relist.rejected.insert(rejected_key(kind, &key), reason);
+            }
+        }
+    }
+
+    fn init_done(&self, kind: &'static str) {
+        let mut st = self.lock();
+        let relist = st.relisting.remove(kind).unwrap_or_default();
+        let n = relist.objects.len();
+        st.index.reset_kind(kind, relist.objects);
+        let prefix = format!("{kind} ");
+        st.rejected.retain(|k, _| !k.starts_with(&prefix));
+        st.rejected.extend(relist.rejected);
+        if st.pending.remove(kind) {
+            info!(kind, objects = n, "initial list complete");
+        } else {
+            debug!(kind, objects = n, "relisted");
+        }
+        drop(st);
+        self.dirty.notify_one();
+    }
+
+    fn apply(&self, kind: &'static str, key: String, obj: Result<Object, String>) {
+        let mut st = self.lock();
+        match obj {
+            Ok(o) => {
+                st.rejected.remove(&rejected_key(kind, &key));
+                st.index.apply(o);
+            }
+            Err(reason) => {
+                warn!(kind, object = %key, %reason, "object refused; the others are applied");
+                st.index.delete(kind, &key);
+                st.rejected.insert(rejected_key(kind, &key), reason);
+            }
+        }
+        drop(st);
+        self.dirty.notify_one();
+    }
+
+    fn delete(&self, kind: &'static str, key: &str) {
+        let mut st = self.lock();
+        st.rejected.remove(&rejected_key(kind, key));
+        st.index.delete(kind, key);
+        drop(st);
+        self.dirty.notify_one();
+    }
+
+    /// The index to publish, once every kind has listed.
+    fn snapshot(&self) -> Option<Index> {
+        let st = self.lock();
+        if !st.pending.is_empty() {
+            return None;
+        }
+        let mut idx = st.index.clone();
+        idx.rejected = st
+            .rejected
+            .iter()
+            .map(|(k, r)| format!("{k}: {r}"))
+            .collect();
+        Some(idx)
+    }
+
+    fn pending(&self) -> Vec<&'static str> {
+        self.lock().pending.iter().copied().collect()
+    }
+}
+
+/// The key of an object in the index, from its metadata.
+fn key_of<K: Resource>(kind: &str, o: &K) -> String {
+    let m = o.meta();
+    if kind == "Namespace" {
+        m.name.clone().unwrap_or_default()
+    } else {
+        index::key(m.namespace.as_deref(), m.name.as_deref())
+    }
+}
+
+/// Runs one watcher until `drain` fires.
+async fn run_watch<K, F>(
+    shared: Arc<Shared>,
+    kind: &'static str,
+    api: Api<K>,
+    convert: F,
+    drain: DrainWatcher,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    F: Fn(K) -> Result<Object, String> + Send,
+{
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        let ev = tokio::select! {
+            ev = stream.next() => ev,
+            () = drain.signaled() => return,
+        };
+        let ev = match ev {
+            Some(Ok(ev)) => ev,
+            Some(Err(e)) => {
+                warn!(kind, error = %e, "watch failed; retrying with backoff (check istiod-lite's RBAC: list and watch on this kind, cluster-wide)");
+                continue;
+            }
+            None => {
+                warn!(kind, "watch stream ended");
+                return;
+            }
+        };
+        match ev {
+            watcher::Event::Init => shared.init(kind),
+            watcher::Event::InitApply(o) => {
+                let key = key_of(kind, &o);
+                shared.init_apply(kind, key, convert(o));
+            }
+            watcher::Event::InitDone => shared.init_done(kind),
+            watcher::Event::Apply(o) => {
+                let key = key_of(kind, &o);
+                shared.apply(kind, key, convert(o));
+            }
+            watcher::Event::Delete(o) => shared.delete(kind, &key_of(kind, &o)),
+        }
+    }
+}
+
+/// The first of [`SECURITY_VERSIONS`] in which the server serves `plural`, if any.
+async fn served_version(client: &Client, plural: &str) -> Result<Option<&'static str>, String> {
+    let groups = client.list_api_groups().await.map_err(|e| e.to_string())?;
+    let Some(group) = groups.groups.iter().find(|g| g.name == SECURITY_GROUP) else {
+        return Ok(None);
+    };
+    for v in SECURITY_VERSIONS {
+        if !group.versions.iter().any(|gv| gv.version == v) {
+            continue;
+        }
+        let resources = client
+            .list_api_group_resources(&format!("{SECURITY_GROUP}/{v}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        if resources.resources.iter().any(|r| r.name == plural) {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+/// An Istio security object as the index holds it, validated by `mesh-policy` exactly as a
+/// manifest file would be.
+pub fn policy_object(ar: &ApiResource, mut o: DynamicObject) -> Result<Object, String> {
+    // List items may omit apiVersion/kind; the parser needs them.
+    o.types = Some(TypeMeta {
+        api_version: ar.api_version.clone(),
+        kind: ar.kind.clone(),
+    });
+    o.metadata.managed_fields = None;
+    let at = format!(
+        "{} {}",
+        ar.kind,
+        index::key(o.metadata.namespace.as_deref(), o.metadata.name.as_deref())
+    );
+    let text = serde_json::to_string(&o).map_err(|e| e.to_string())?;
+    let set = mesh_policy::parse_objects(&at, &text).map_err(|e| e.to_string())?;
+    if let Some(p) = set.authorization_policies.into_iter().next() {
+        Ok(Object::AuthorizationPolicy(p))
+    } else if let Some(p) = set.peer_authentications.into_iter().next() {
+        Ok(Object::PeerAuthentication(p))
+    } else {
+        Err(format!(
+            "{at}: not a {SECURITY_GROUP} AuthorizationPolicy or PeerAuthentication"
+        ))
+    }
+}
+
+/// Discovers the served version of a security kind, then watches it. While the CRD is not
+/// installed the kind counts as listed and empty.
+async fn run_policies(
+    shared: Arc<Shared>,
+    client: Client,
+    kind: &'static str,
+    plural: &'static str,
+    drain: DrainWatcher,
+) {
+    let mut marked_empty = false;
+    loop {
+        match served_version(&client, plural).await {
+            Ok(Some(version)) => {
+                let ar = ApiResource {
+                    group: SECURITY_GROUP.to_owned(),
+                    version: version.to_owned(),
+                    api_version: format!("{SECURITY_GROUP}/{version}"),
+                    kind: kind.to_owned(),
+                    plural: plural.to_owned(),
+                };
+                info!(kind, api_version = %ar.api_version, "watching");
+                let api: Api<DynamicObject> = Api::all_with(client, &ar);
+                run_watch(shared, kind, api, move |o| policy_object(&ar, o), drain).await;
+                return;
+            }
+            Ok(None) => {
+                if !marked_empty {
+                    warn!(
+                        kind,
+                        group = SECURITY_GROUP,
+                        "CRD not installed: no {kind} is enforced until it is (install manifests/crds/istio); checking again every {}s",
+                        DISCOVERY_RETRY.as_secs()
+                    );
+                    shared.init(kind);
+                    shared.init_done(kind);
+                    marked_empty = true;
+                }
+            }
+            Err(e) => {
+                warn!(kind, error = %e, "API discovery failed; retrying");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(DISCOVERY_RETRY) => {}
+            () = drain.signaled() => return,
+        }
+    }
+}
+
+/// Publishes the index after changes, coalescing bursts.
+async fn publish(
+    shared: Arc<Shared>,
+    out: watch::Sender<Arc<Index>>,
+    synced: watch::Sender<bool>,
+    drain: DrainWatcher,
+) {
+    loop {
+        tokio::select! {
+            () = shared.dirty.notified() => {}
+            () = drain.signaled() => return,
+        }
+        tokio::time::sleep(COALESCE).await;
+        if let Some(idx) = shared.snapshot() {
+            debug!(
+                namespaces = idx.namespaces.len(),
+                pods = idx.pods.len(),
+                services = idx.services.len(),
+                policies = idx.authorization_policies.len(),
+                "index updated"
+            );
+            out.send_replace(Arc::new(idx));
+            synced.send_replace(true);
+        }
+    }
+}
+
+fn strip<K: Resource>(mut o: K) -> K {
+    o.meta_mut().managed_fields = None;
+    o
+}
+
+/// The Kubernetes source.
+#[derive(Clone)]
+pub struct Kubernetes {
+    pub client: Client,
+}
+
+impl Debug for Kubernetes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kubernetes").finish_non_exhaustive()
+    }
+}
+
+impl Source for Kubernetes {
+    async fn start(
+        self,
+        out: watch::Sender<Arc<Index>>,
+        drain: DrainWatcher,
+    ) -> Result<(), SourceError> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                pending: KINDS.into_iter().collect(),
+                ..Default::default()
+            }),
+            dirty: Notify::new(),
+        });
+        let (synced_tx, mut synced) = watch::channel(false);
+        tokio::spawn(
+            publish(shared.clone(), out, synced_tx, drain.clone()).instrument(info_span!("k8s")),
+        );
+        let c = &self.client;
+        let span = |kind: &'static str| info_span!("k8s", kind);
+        tokio::spawn(
+            run_watch(
+                shared.clone(),
+                "Namespace",
+                Api::<Namespace>::all(c.clone()),
+                |o| Ok(Object::Namespace(strip(o))),
+                drain.clone(),
+            )
+            .instrument(span("Namespace")),
+        );
+        tokio::spawn(
+            run_watch(
+                shared.clone(),
+                "Pod",
+                Api::<Pod>::all(c.clone()),
+                |o| Ok(Object::Pod(strip(o))),
+                drain.clone(),
+            )
+            .instrument(span("Pod")),
+        );
+        tokio::spawn(
+            run_watch(
+                shared.clone(),
+                "Service",
+                Api::<Service>::all(c.clone()),
+                |o| Ok(Object::Service(strip(o))),
+                drain.clone(),
+            )
+            .instrument(span("Service")),
+        );
+        for (kind, plural) in [
+            ("AuthorizationPolicy", "authorizationpolicies"),
+            ("PeerAuthentication", "peerauthentications"),
+        ] {
+            tokio::spawn(
+                run_policies(shared.clone(), c.clone(), kind, plural, drain.clone())
+                    .instrument(span(kind)),
+            );
+        }
+        loop {
+            tokio::select! {
+                r = synced.wait_for(|s| *s) => {
+                    return r.map(|_| ()).map_err(|_| SourceError::Stopped);
+                }
+                () = tokio::time::sleep(PROGRESS_EVERY) => {
+                    info!(pending = ?shared.pending(), "waiting for the initial list from the Kubernetes API server");
+                }
+                () = drain.signaled() => return Err(SourceError::Stopped),
+            }
+        }
+    }
+}
+
+/// Where a kubeconfig is, for logs.
+pub fn describe(kubeconfig: Option<&PathBuf>) -> String {
+    kubeconfig.map_or_else(
+        || "in-cluster".to_owned(),
+        |p| format!("kubeconfig {}", p.display()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ap_resource() -> ApiResource {
+        ApiResource {
+            group: SECURITY_GROUP.into(),
+            version: "v1".into(),
+            api_version: "security.istio.io/v1".into(),
+            kind: "AuthorizationPolicy".into(),
+            plural: "authorizationpolicies".into(),
+        }
+    }
+
+    fn dynamic(json: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn policies_convert_like_manifests_and_failures_name_the_object() {
+        // As a list item arrives: no apiVersion/kind, server-set metadata, a status.
+        let ok = dynamic(serde_json::json!({
+            "metadata": {"name": "deny-bar", "namespace": "foo", "resourceVersion": "7",
+                         "uid": "u", "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["bar"]}}]}]},
+            "status": {"observedGeneration": 1}
+        }));
+        match policy_object(&ap_resource(), ok).unwrap() {
+            Object::AuthorizationPolicy(p) => assert_eq!(p.key(), "foo/deny-bar"),
+            o => panic!("{}", o.kind()),
+        }
+        let bad = dynamic(serde_json::json!({
+            "metadata": {"name": "typo", "namespace": "foo"},
+            "spec": {"rules": [{"from": [{"source": {"principal": ["x"]}}]}]}
+        }));
+        let e = policy_object(&ap_resource(), bad).unwrap_err();
+        assert!(e.contains("AuthorizationPolicy foo/typo"), "{e}");
+        assert!(e.contains("principal"), "{e}");
+    }
+
+    #[test]
+    fn a_relist_replaces_the_kind_and_rejections_follow_the_object() {
+        let shared = Shared {
+            state: Mutex::new(State {
+                pending: ["Namespace"].into_iter().collect(),
+                ..Default::default()
+            }),
+            dirty: Notify::new(),
+        };
+        let ns = |name: &str| {
+            Object::Namespace(Namespace {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+        };
+        shared.init("Namespace");
+        shared.init_apply("Namespace", "a".into(), Ok(ns("a")));
+        shared.init_apply("Namespace", "bad".into(), Err("broken".into()));
+        assert!(
+            shared.snapshot().is_none(),
+            "nothing before the first InitDone"
+        );
+        shared.init_done("Namespace");
+        let idx = shared.snapshot().unwrap();
+        assert_eq!(idx.namespaces.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(idx.rejected, ["Namespace bad: broken"]);
+        // A relist after a watch gap: `a` vanished meanwhile, `bad` was fixed.
+        shared.init("Namespace");
+        shared.init_apply("Namespace", "bad".into(), Ok(ns("bad")));
+        assert_eq!(
+            shared.snapshot().unwrap().namespaces.len(),
+            1,
+            "the published view holds until InitDone"
+        );
+        shared.init_done("Namespace");
+        let idx = shared.snapshot().unwrap();
+        assert_eq!(idx.namespaces.keys().collect::<Vec<_>>(), ["bad"]);
+        assert!(idx.rejected.is_empty(), "{:?}", idx.rejected);
+        shared.apply("Namespace", "bad".into(), Err("broken again".into()));
+        let idx = shared.snapshot().unwrap();
+        assert!(
+            idx.namespaces.is_empty(),
+            "an invalid new version drops the old one"
+        );
+        assert_eq!(idx.rejected, ["Namespace bad: broken again"]);
+        shared.delete("Namespace", "bad");
+        assert!(shared.snapshot().unwrap().rejected.is_empty());
+    }
+}
