@@ -339,11 +339,31 @@ impl Agent {
                 seen_in_source: seen,
             },
         );
+        self.complete(pod, netns, ips).await
+    }
+
+    /// Steps 4–6: hand the pod to ztunnel, probe ipset, annotation. Retried by reconcile
+    /// for pending pods (their rules are already in).
+    async fn complete(
+        &self,
+        pod: Pod,
+        netns: Arc<Netns>,
+        ips: Vec<IpAddr>,
+    ) -> Result<(), EnrollError> {
+        let key = pod.key();
+        let uid = pod.uid.clone();
         if let Err(e) = self.zds.add(&workload(&pod), netns).await {
-            if let Err(ae) = self
-                .source
-                .annotate(&pod, REDIRECTION_ANNOTATION, Some("pending"))
-            {
+            let already = pod
+                .annotations
+                .get(REDIRECTION_ANNOTATION)
+                .is_some_and(|v| v == "pending");
+            let annotated = if already {
+                Ok(())
+            } else {
+                self.source
+                    .annotate(&pod, REDIRECTION_ANNOTATION, Some("pending"))
+            };
+            if let Err(ae) = annotated {
                 warn!(pod = %key, error = %ae, "could not annotate the pod pending");
             }
             return Err(EnrollError::Retryable {
@@ -436,7 +456,7 @@ impl Agent {
             match (should, current) {
                 (true, Some((Phase::Enabled, _, _))) => {}
                 (true, Some((Phase::Pending, netns, ips))) => {
-                    if let Err(e) = self.enroll((*pod).clone(), netns, ips).await {
+                    if let Err(e) = self.complete((*pod).clone(), netns, ips).await {
                         debug!(pod = %pod.key(), error = %e, "still pending");
                     }
                 }
