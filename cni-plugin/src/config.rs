@@ -5,7 +5,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
 use crate::{enablement::Policy, redirect::Family};
@@ -29,6 +29,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} must be a positive duration"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Where pod and namespace knowledge comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// `<pod-source-dir>/cluster.yaml` (the netns lab and tests).
+    Files,
+    /// kube-rs watches (this node's pods, all namespaces), mirrored to
+    /// `<pod-source-dir>/cluster.yaml` for the plugin.
+    Kubernetes,
 }
 
 /// Command-line flags and their environment variables (Istio's names where it has one).
@@ -59,8 +70,17 @@ pub struct Args {
     )]
     pub cni_socket: PathBuf,
 
-    /// Directory of the files pod source (`cluster.yaml`); also written into the plugin's
-    /// conflist entry so the plugin reads the same labels.
+    /// Where pods and namespaces come from.
+    #[arg(long, env = "POD_SOURCE", value_enum, default_value = "files")]
+    pub pod_source: SourceKind,
+
+    /// Kubeconfig for the Kubernetes source; default: in-cluster ServiceAccount.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Directory of `cluster.yaml`: read by the files source, written (mirrored) by the
+    /// Kubernetes source; also put in the plugin's conflist entry so the plugin reads the
+    /// same labels.
     #[arg(long, env = "POD_SOURCE_DIR")]
     pub pod_source_dir: Option<PathBuf>,
 
@@ -128,6 +148,8 @@ pub struct Config {
     pub node_name: String,
     pub ztunnel_uds: PathBuf,
     pub cni_socket: PathBuf,
+    pub pod_source: SourceKind,
+    pub kubeconfig: Option<PathBuf>,
     pub pod_source_dir: PathBuf,
     pub host_netns: Option<PathBuf>,
     pub netns_prefix: PathBuf,
@@ -173,6 +195,8 @@ impl Args {
             node_name,
             ztunnel_uds,
             cni_socket,
+            pod_source,
+            kubeconfig,
             pod_source_dir,
             host_netns,
             netns_prefix,
@@ -197,11 +221,14 @@ impl Args {
         });
         let pod_source_dir = pod_source_dir.unwrap_or_else(|| {
             problems.push(
-                "POD_SOURCE_DIR (--pod-source-dir) is required: this build reads pods and namespaces from a files source (cluster.yaml)"
+                "POD_SOURCE_DIR (--pod-source-dir) is required: the plugin reads pod labels from its cluster.yaml (written by you with POD_SOURCE=files, mirrored by the agent with POD_SOURCE=kubernetes)"
                     .into(),
             );
             PathBuf::new()
         });
+        if kubeconfig.is_some() && pod_source != SourceKind::Kubernetes {
+            problems.push("KUBECONFIG is set but POD_SOURCE is not kubernetes".into());
+        }
         if ztunnel_uds == cni_socket {
             problems.push(format!(
                 "ZTUNNEL_UDS and CNI_AGENT_SOCKET are both {}; they must differ",
@@ -244,6 +271,8 @@ impl Args {
             node_name,
             ztunnel_uds,
             cni_socket,
+            pod_source,
+            kubeconfig,
             pod_source_dir,
             host_netns,
             netns_prefix: netns_prefix.unwrap_or_default(),
@@ -342,6 +371,23 @@ mod tests {
             c.install.unwrap().plugin_binary,
             PathBuf::from("/bin/mesh-cni")
         );
+        assert_eq!(c.pod_source, SourceKind::Files);
+        let k = parse(&[
+            "--node-name=n",
+            "--pod-source-dir=/d",
+            "--install-cni=false",
+            "--pod-source=kubernetes",
+        ])
+        .unwrap();
+        assert_eq!(k.pod_source, SourceKind::Kubernetes);
+        let e = parse(&[
+            "--node-name=n",
+            "--pod-source-dir=/d",
+            "--install-cni=false",
+            "--kubeconfig=/kc",
+        ])
+        .unwrap_err();
+        assert!(e.contains("POD_SOURCE is not kubernetes"), "{e}");
         let e = parse(&[
             "--node-name=n",
             "--pod-source-dir=/d",

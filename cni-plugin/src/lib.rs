@@ -14,6 +14,7 @@
 //! | `zds` | the ZDS server (node agent ↔ ztunnel) |
 //! | `agent` | enroll/unenroll state machine and reconcile |
 //! | `source` | pod/namespace source trait and the files source |
+//! | `kube_source` | the Kubernetes (kube-rs) pod source, mirrored to files for the plugin |
 //! | `install` | plugin binary install, conflist chaining, directory watch |
 //! | `config` | the agent's validated `Config` (the only env/flag reader) |
 //! | `app` | the agent's wiring (sockets, loops) |
@@ -26,6 +27,7 @@ pub mod discover;
 pub mod enablement;
 pub mod install;
 pub mod iptables;
+pub mod kube_source;
 pub mod netns;
 pub mod plugin;
 pub mod protocol;

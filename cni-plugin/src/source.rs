@@ -23,6 +23,8 @@ pub enum SourceError {
     },
     #[error("{path} is not a valid cluster file: {reason}")]
     Parse { path: String, reason: String },
+    #[error("annotating pod {pod}: {reason}")]
+    Api { pod: String, reason: String },
     #[error("writing annotation for pod {pod} to {path}: {source}")]
     Annotate {
         pod: String,

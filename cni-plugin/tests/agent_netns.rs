@@ -54,6 +54,8 @@ impl Lab {
             node_name: NODE.into(),
             ztunnel_uds: d.join("ztunnel.sock"),
             cni_socket: d.join("cni.sock"),
+            pod_source: cni_plugin::config::SourceKind::Files,
+            kubeconfig: None,
             pod_source_dir: d.join("source"),
             host_netns: Some(host.path()),
             netns_prefix: PathBuf::new(),

@@ -4,7 +4,13 @@
 use std::{process::ExitCode, sync::Arc};
 
 use clap::Parser;
-use cni_plugin::{app, config::Args, iptables::IptablesRestore, source::FilesSource};
+use cni_plugin::{
+    app,
+    config::{Args, SourceKind},
+    iptables::IptablesRestore,
+    kube_source::{self, KubeSource},
+    source::{FilesSource, PodSource},
+};
 
 fn main() -> ExitCode {
     let cfg = match Args::parse().validate() {
@@ -38,7 +44,23 @@ fn main() -> ExitCode {
         let backend = Arc::new(IptablesRestore {
             families: cfg.families.clone(),
         });
-        let source = Arc::new(FilesSource::new(&cfg.pod_source_dir));
+        let source: Arc<dyn PodSource> = match cfg.pod_source {
+            SourceKind::Files => Arc::new(FilesSource::new(&cfg.pod_source_dir)),
+            SourceKind::Kubernetes => {
+                let started = async {
+                    let client = kube_source::client(cfg.kubeconfig.as_deref()).await?;
+                    KubeSource::start(client, &cfg.node_name, Some(cfg.pod_source_dir.clone()))
+                        .await
+                };
+                match started.await {
+                    Ok(s) => Arc::new(s),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the Kubernetes pod source failed to start");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+        };
         let _running = match app::start(&cfg, backend, source).await {
             Ok(r) => r,
             Err(e) => {
