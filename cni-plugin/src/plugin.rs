@@ -105,3 +105,53 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, Error> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn env(command: &str, args: &str) -> BTreeMap<String, String> {
+        [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", "/var/run/netns/none"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", args),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    proptest! {
+        // Whatever the runtime hands over, the plugin answers with exactly one JSON document
+        // (a result, or an error with a code and a message) and never panics.
+        #[test]
+        fn any_input_gives_one_json_document(
+            stdin in proptest::collection::vec(any::<u8>(), 0..300),
+            command in prop::sample::select(vec!["ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS", "", "add"]),
+            args in "[A-Za-z0-9_=;]{0,60}",
+        ) {
+            let out = run(&env(command, &args), &stdin);
+            if out.stdout.is_empty() {
+                prop_assert!(out.error.is_none());
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&out.stdout)
+                    .map_err(|e| TestCaseError::fail(format!("{e}: {:?}", out.stdout)))?;
+                if out.error.is_some() {
+                    prop_assert!(v["code"].as_u64().is_some());
+                    prop_assert!(!v["msg"].as_str().unwrap_or("").is_empty());
+                }
+            }
+        }
+
+        // Valid JSON with a supported version and arbitrary extra fields: DEL always succeeds.
+        #[test]
+        fn del_tolerates_unknown_fields(key in "[a-z]{1,12}", val in any::<i64>()) {
+            let stdin = format!(r#"{{"cniVersion":"1.0.0","name":"n","{key}x":{val}}}"#);
+            let out = run(&env("DEL", ""), stdin.as_bytes());
+            prop_assert!(out.error.is_none(), "{:?}", out.stdout);
+        }
+    }
+}
