@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build release test test-unit test-netns fuzz-smoke k8s-smoke lint fmt presubmit demo deps clean
+.PHONY: all build release test test-unit test-netns fuzz-smoke k8s-smoke lint fmt presubmit demo deps clean bench bench-quick bench-deps callgrind
 
 all: build
 
@@ -46,3 +46,22 @@ presubmit: lint test
 
 clean:
 	$(CARGO) clean
+
+## bench: the full benchmark (netns topology, nomesh/ruler/ours side by side; root). Not part of `make test`.
+bench: bench-deps
+	$(CARGO) build --release --locked -p ztunnel -p mesh-bench -p meshctl
+	python3 bench/run.py $(BENCH_ARGS)
+
+## bench-quick: the same in under 3 minutes (fewer, shorter repetitions).
+bench-quick: bench-deps
+	$(CARGO) build --release --locked -p ztunnel -p mesh-bench -p meshctl
+	python3 bench/run.py --quick $(BENCH_ARGS)
+
+## callgrind: instruction counts of the micro-benchmarks against bench/baseline/callgrind.json.
+callgrind: bench-deps
+	$(CARGO) build --release --locked -p mesh-bench
+	bash bench/callgrind.sh $(CALLGRIND_ARGS)
+
+bench-deps:
+	@for t in iperf3 sockperf socat valgrind; do command -v $$t >/dev/null || need="$$need $$t"; done; \
+	if [ -n "$$need" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need; fi

@@ -188,6 +188,8 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
     }
     pool.spawn_reaper(Duration::from_secs(30));
     secrets.spawn_renewer(Duration::from_secs(10));
+    // Memory freed after a connection burst goes back to the OS, not kept at the peak.
+    admin_rt.spawn(mesh_rt::memory::run_trimmer(Duration::from_secs(5)));
 
     let admin_state = Arc::new(admin::AdminState {
         cfg: cfg.clone(),

@@ -140,21 +140,51 @@ fn list_matches<T>(pos: &[T], neg: &[T], mut pred: impl FnMut(&T) -> bool) -> bo
     (pos.is_empty() || pos.iter().any(&mut pred)) && !neg.iter().any(pred)
 }
 
+/// What matching needs from a connection, derived once per decision (not once per match):
+/// the principal as policies write it (the identity without `spiffe://`).
+struct Subject<'a> {
+    conn: &'a Connection,
+    principal: Option<String>,
+}
+
+impl<'a> Subject<'a> {
+    fn new(conn: &'a Connection) -> Self {
+        let principal = conn.src_identity.as_ref().map(|i| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                i.trust_domain(),
+                i.namespace(),
+                i.service_account()
+            )
+        });
+        Subject { conn, principal }
+    }
+}
+
 impl Match {
     fn is_empty(&self) -> bool {
-        *self == Match::default()
+        self.namespaces.is_empty()
+            && self.not_namespaces.is_empty()
+            && self.service_accounts.is_empty()
+            && self.not_service_accounts.is_empty()
+            && self.principals.is_empty()
+            && self.not_principals.is_empty()
+            && self.source_ips.is_empty()
+            && self.not_source_ips.is_empty()
+            && self.destination_ips.is_empty()
+            && self.not_destination_ips.is_empty()
+            && self.destination_ports.is_empty()
+            && self.not_destination_ports.is_empty()
     }
 
-    fn matches(&self, conn: &Connection) -> bool {
+    fn matches(&self, s: &Subject<'_>) -> bool {
         if self.is_empty() {
             return false;
         }
+        let conn = s.conn;
         let id = conn.src_identity.as_ref();
-        let principal = id.map(|i| i.to_string());
         // Principals are written without the scheme; a connection with no identity has none.
-        let principal = principal
-            .as_deref()
-            .and_then(|p| p.strip_prefix("spiffe://"));
+        let principal = s.principal.as_deref();
         let namespace = id.map(|i| i.namespace()).unwrap_or("");
         list_matches(&self.destination_ips, &self.not_destination_ips, |n| {
             n.contains(&conn.dst.ip())
@@ -175,10 +205,10 @@ impl Match {
 }
 
 impl Rule {
-    fn matches(&self, conn: &Connection) -> bool {
+    fn matches(&self, s: &Subject<'_>) -> bool {
         self.clauses
             .iter()
-            .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(conn)))
+            .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(s)))
     }
 }
 
@@ -190,7 +220,11 @@ impl Authorization {
 
     /// The index of the first matching rule, if any.
     pub fn matching_rule(&self, conn: &Connection) -> Option<usize> {
-        self.rules.iter().position(|r| r.matches(conn))
+        self.matching_rule_for(&Subject::new(conn))
+    }
+
+    fn matching_rule_for(&self, s: &Subject<'_>) -> Option<usize> {
+        self.rules.iter().position(|r| r.matches(s))
     }
 }
 
@@ -224,9 +258,10 @@ pub fn evaluate<'a>(
     policies: impl IntoIterator<Item = &'a Authorization> + Clone,
     conn: &Connection,
 ) -> Decision {
+    let subject = Subject::new(conn);
     let enforced = || policies.clone().into_iter().filter(|p| !p.dry_run);
     for p in enforced().filter(|p| p.action == Action::Deny) {
-        if let Some(rule) = p.matching_rule(conn) {
+        if let Some(rule) = p.matching_rule_for(&subject) {
             return Decision::by(false, p, Some(rule), "matched a DENY policy");
         }
     }
@@ -240,7 +275,7 @@ pub fn evaluate<'a>(
         };
     }
     for p in allows {
-        if let Some(rule) = p.matching_rule(conn) {
+        if let Some(rule) = p.matching_rule_for(&subject) {
             return Decision::by(true, p, Some(rule), "matched an ALLOW policy");
         }
     }
@@ -292,7 +327,7 @@ mod tests {
     #[test_case(Match { destination_ips: vec!["10.1.0.0/16".parse().unwrap()], destination_ports: vec![81], ..Default::default() }, None => false ; "fields are anded")]
     #[test_case(Match::default(), Some(SLEEP) => false ; "empty match never matches")]
     fn match_semantics(m: Match, id: Option<&str>) -> bool {
-        m.matches(&conn(id, "10.0.0.5:40000", "10.1.0.7:8080"))
+        m.matches(&Subject::new(&conn(id, "10.0.0.5:40000", "10.1.0.7:8080")))
     }
 
     #[test]
@@ -322,12 +357,24 @@ mod tests {
         let r = Rule {
             clauses: vec![vec![ns_other.clone(), ns_bar], vec![port_80.clone()]],
         };
-        assert!(r.matches(&conn(Some(SLEEP), "10.0.0.5:1", "10.1.0.7:80")));
-        assert!(!r.matches(&conn(Some(SLEEP), "10.0.0.5:1", "10.1.0.7:81")));
+        assert!(r.matches(&Subject::new(&conn(
+            Some(SLEEP),
+            "10.0.0.5:1",
+            "10.1.0.7:80"
+        ))));
+        assert!(!r.matches(&Subject::new(&conn(
+            Some(SLEEP),
+            "10.0.0.5:1",
+            "10.1.0.7:81"
+        ))));
         let r2 = Rule {
             clauses: vec![vec![ns_other], vec![port_80]],
         };
-        assert!(!r2.matches(&conn(Some(SLEEP), "10.0.0.5:1", "10.1.0.7:80")));
+        assert!(!r2.matches(&Subject::new(&conn(
+            Some(SLEEP),
+            "10.0.0.5:1",
+            "10.1.0.7:80"
+        ))));
     }
 
     /// ztunnel `src/rbac.rs` (`Authorization::matches`): a clause with no matches at all is a
@@ -338,11 +385,11 @@ mod tests {
         let empty_clause = Rule {
             clauses: vec![vec![]],
         };
-        assert!(empty_clause.matches(&c));
+        assert!(empty_clause.matches(&Subject::new(&c)));
         let empty_match = Rule {
             clauses: vec![vec![Match::default()]],
         };
-        assert!(!empty_match.matches(&c));
+        assert!(!empty_match.matches(&Subject::new(&c)));
     }
 
     #[test]

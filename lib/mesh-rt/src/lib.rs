@@ -13,5 +13,6 @@
 pub mod drain;
 pub mod http;
 pub mod logging;
+pub mod memory;
 pub mod readiness;
 pub mod signal;

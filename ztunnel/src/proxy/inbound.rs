@@ -121,6 +121,39 @@ async fn stream(
     src_id: Option<mesh_core::Identity>,
     sf: &dyn SocketFactory,
 ) {
+    // Boxed: checks, authorization and the app connect are far bigger than the relay, and
+    // an unboxed future would keep that size for the whole life of every idle stream.
+    let Some((result, app, send, recv)) =
+        Box::pin(open_stream(pi, inc, peer, dst_w, src_id, sf)).await
+    else {
+        return;
+    };
+    let (stats, res) = mesh_hbone::relay(&app, send, recv).await;
+    // From the client's view: received = what it sent us (tunnel → app).
+    let outcome = match res {
+        Ok(()) => Outcome::Ok,
+        Err(e) => Outcome::Error(e.to_string()),
+    };
+    result.finish(stats.tunnel_to_tcp, stats.tcp_to_tunnel, outcome);
+}
+
+type OpenStream = (
+    ConnectionResult,
+    tokio::net::TcpStream,
+    h2::SendStream<bytes::Bytes>,
+    h2::RecvStream,
+);
+
+/// Checks the destination, authorizes and connects to the app; on failure answers the
+/// CONNECT and records the outcome itself.
+async fn open_stream(
+    pi: &ProxyInputs,
+    inc: Incoming,
+    peer: SocketAddr,
+    dst_w: &Arc<mesh_core::workload::Workload>,
+    src_id: Option<mesh_core::Identity>,
+    sf: &dyn SocketFactory,
+) -> Option<OpenStream> {
     let dst = inc.dst;
     let src_w = pi
         .state
@@ -149,7 +182,7 @@ async fn stream(
                 dst_w.uid
             )),
         );
-        return;
+        return None;
     }
     if let Some(svc) = pi.state.read(|s| s.services_of(dst_w)).into_iter().next() {
         result.update(|i| i.dst_service = Some(svc));
@@ -165,7 +198,7 @@ async fn stream(
                 reason: decision.reason.to_owned(),
             },
         );
-        return;
+        return None;
     }
     let source = if pi.cfg.preserve_source_ip {
         super::Source::Transparent(peer.ip())
@@ -186,7 +219,7 @@ async fn stream(
                 0,
                 Outcome::Error(Error::Connect { addr: dst, source }.to_string()),
             );
-            return;
+            return None;
         }
         Err(_) => {
             inc.reject(StatusCode::SERVICE_UNAVAILABLE);
@@ -195,22 +228,16 @@ async fn stream(
                 0,
                 Outcome::Error(format!("connecting to {dst}: timed out")),
             );
-            return;
+            return None;
         }
     };
     let (send, recv) = match inc.accept() {
         Ok(s) => s,
         Err(e) => {
             result.finish(0, 0, Outcome::Error(e.to_string()));
-            return;
+            return None;
         }
     };
     result.opened();
-    let (stats, res) = mesh_hbone::relay(&app, send, recv).await;
-    // From the client's view: received = what it sent us (tunnel → app).
-    let outcome = match res {
-        Ok(()) => Outcome::Ok,
-        Err(e) => Outcome::Error(e.to_string()),
-    };
-    result.finish(stats.tunnel_to_tcp, stats.tcp_to_tunnel, outcome);
+    Some((result, app, send, recv))
 }

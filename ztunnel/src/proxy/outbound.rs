@@ -122,7 +122,10 @@ async fn run(
     entry: Entry,
     sf: Arc<dyn SocketFactory>,
 ) -> Result<(u64, u64), Failure> {
-    let opened = run_to_open(pi, src, dst, result, sf).await;
+    // Boxed: connection setup (routing, certificates, a TLS handshake when the pool has no
+    // connection) is far bigger than the relay, and an unboxed future would keep that size
+    // for the whole life of every idle connection.
+    let opened = Box::pin(run_to_open(pi, src, dst, result, sf)).await;
     if entry == Entry::Socks5 {
         let code = match &opened {
             Ok(_) => super::socks5::REP_OK,
