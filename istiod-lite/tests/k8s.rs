@@ -336,6 +336,8 @@ struct Xds {
     authorizations: BTreeMap<String, Authorization>,
     /// Every name ever removed, in order.
     removed: Vec<String>,
+    /// Types answered at least once.
+    answered: std::collections::BTreeSet<String>,
 }
 
 impl Xds {
@@ -372,6 +374,7 @@ impl Xds {
             services: BTreeMap::new(),
             authorizations: BTreeMap::new(),
             removed: Vec::new(),
+            answered: Default::default(),
         })
     }
 
@@ -403,6 +406,7 @@ impl Xds {
                 );
             }
         }
+        self.answered.insert(r.type_url.clone());
         for n in &r.removed_resources {
             self.workloads.remove(n);
             self.services.remove(n);
@@ -523,14 +527,21 @@ async fn api_objects_become_xds_resources_and_changes_arrive_as_deltas() {
     let allow = format!("{ns}/allow-sleep");
     let deny = format!("{ns}/deny-9000");
     let host = format!("{ns}/echo.{ns}.svc.cluster.local");
-    xds.until("echo, sleep, the service and both policies", |x| {
-        x.workloads.contains_key(&echo_uid)
-            && x.workloads.contains_key(&sleep_uid)
-            && x.services.contains_key(&host)
-            && x.authorizations.contains_key(&allow)
-            && x.authorizations.contains_key(&deny)
-    })
-    .await;
+    // Everything existed before istiod-lite started, and it serves only after every watch
+    // has listed: the first answer of each type is already complete (no partial view).
+    xds.until("a first answer of both types", |x| x.answered.len() == 2)
+        .await;
+    assert!(
+        xds.workloads.contains_key(&echo_uid)
+            && xds.workloads.contains_key(&sleep_uid)
+            && xds.services.contains_key(&host)
+            && xds.authorizations.contains_key(&allow)
+            && xds.authorizations.contains_key(&deny),
+        "first answers incomplete: {:?} {:?} {:?}",
+        xds.workloads.keys().collect::<Vec<_>>(),
+        xds.services.keys().collect::<Vec<_>>(),
+        xds.authorizations.keys().collect::<Vec<_>>()
+    );
     let echo = &xds.workloads[&echo_uid];
     assert_eq!(echo.protocol, TunnelProtocol::Hbone, "ambient namespace");
     assert_eq!(echo.status, HealthStatus::Healthy, "Running and Ready");
@@ -763,4 +774,34 @@ async fn the_ca_trusts_tokenreview_and_signs_only_for_pods_on_the_callers_node()
         "{}",
         e.message()
     );
+
+    // The CRDs arrive after istiod-lite started without them: discovery is retried and the
+    // policies are then watched, with no restart.
+    c.install_crds().await;
+    let v1: Api<DynamicObject> = Api::namespaced_with(
+        c.client(),
+        ns,
+        &ApiResource {
+            group: "security.istio.io".into(),
+            version: "v1".into(),
+            api_version: "security.istio.io/v1".into(),
+            kind: "AuthorizationPolicy".into(),
+            plural: "authorizationpolicies".into(),
+        },
+    );
+    let late: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "late"}, "spec": {"action": "DENY", "rules": [{}]}
+    }))
+    .unwrap();
+    v1.create(&PostParams::default(), &late).await.unwrap();
+    let mut snaps = cp.snapshots.clone();
+    let key = format!("{ns}/late");
+    tokio::time::timeout(
+        WAIT,
+        snaps.wait_for(|s| s.0[type_url::AUTHORIZATION].contains_key(&key)),
+    )
+    .await
+    .expect("a policy created after the CRD was installed late never arrived")
+    .unwrap();
 }
