@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use mesh_policy::model::{AuthorizationPolicy, PeerAuthentication};
 
+use crate::waypoint::Gateway;
+
 /// One object of a kind the control plane understands.
 #[derive(Debug, Clone)]
 pub enum Object {
@@ -19,6 +21,7 @@ pub enum Object {
     Service(Service),
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
+    Gateway(Gateway),
 }
 
 impl Object {
@@ -29,6 +32,7 @@ impl Object {
             Object::Service(_) => "Service",
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Object::PeerAuthentication(_) => "PeerAuthentication",
+            Object::Gateway(_) => "Gateway",
         }
     }
 
@@ -40,6 +44,7 @@ impl Object {
             Object::Service(s) => key(s.metadata.namespace.as_deref(), s.metadata.name.as_deref()),
             Object::AuthorizationPolicy(p) => p.key(),
             Object::PeerAuthentication(p) => p.key(),
+            Object::Gateway(g) => key(Some(g.namespace()), Some(g.name())),
         }
     }
 }
@@ -60,6 +65,7 @@ pub struct Index {
     pub services: BTreeMap<String, Service>,
     pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
     pub peer_authentications: BTreeMap<String, PeerAuthentication>,
+    pub gateways: BTreeMap<String, Gateway>,
     /// Objects a source refused, one line each (`file: kind ns/name: what is wrong`).
     pub rejected: Vec<String>,
 }
@@ -85,6 +91,10 @@ impl Index {
             Object::PeerAuthentication(p) => {
                 self.peer_authentications.insert(p.key(), p);
             }
+            Object::Gateway(g) => {
+                self.gateways
+                    .insert(key(Some(g.namespace()), Some(g.name())), g);
+            }
         }
     }
 
@@ -106,6 +116,9 @@ impl Index {
             "PeerAuthentication" => {
                 self.peer_authentications.remove(key);
             }
+            "Gateway" => {
+                self.gateways.remove(key);
+            }
             _ => {}
         }
     }
@@ -118,6 +131,7 @@ impl Index {
             "Service" => self.services.clear(),
             "AuthorizationPolicy" => self.authorization_policies.clear(),
             "PeerAuthentication" => self.peer_authentications.clear(),
+            "Gateway" => self.gateways.clear(),
             _ => {}
         }
         for o in objects.into_iter().filter(|o| o.kind() == kind) {

@@ -18,4 +18,5 @@ pub mod index;
 pub mod k8s;
 pub mod source;
 pub mod translate;
+pub mod waypoint;
 pub mod xds;

@@ -144,6 +144,14 @@ fn parse_object(at: &str, value: serde_yaml::Value) -> Result<Option<Object>, St
                 return Err(format!("{what}: not a security.istio.io object"));
             }
         }
+        "Gateway"
+            if value
+                .get("apiVersion")
+                .and_then(|v| v.as_str())
+                .is_some_and(|v| v.starts_with("gateway.networking.k8s.io/")) =>
+        {
+            Object::Gateway(serde_yaml::from_value(value).map_err(typed)?)
+        }
         _ => return Ok(None),
     }))
 }

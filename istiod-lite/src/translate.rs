@@ -10,7 +10,9 @@
 //!   ports through the pod's container ports);
 //! - AuthorizationPolicies are converted by `mesh-policy` (the exact istiod L4 conversion);
 //!   a workload lists the selector policies and the PeerAuthentication-derived policies that
-//!   attach to it.
+//!   attach to it;
+//! - Services and Pods bound to a waypoint (`istio.io/use-waypoint`, see [`waypoint`]) carry
+//!   its address; refused bindings become notes naming the reason.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -24,7 +26,26 @@ use mesh_core::{
 };
 use mesh_policy::{MeshConfig, PolicySet, scope::ZtunnelAttachment};
 
-use crate::index::Index;
+use crate::{
+    index::Index,
+    waypoint::{self, Binding, Target},
+};
+
+/// Applies a waypoint binding: the address when bound, a note when refused.
+fn bind(
+    what: &str,
+    b: Binding,
+    notes: &mut Vec<String>,
+) -> Option<mesh_core::workload::GatewayAddress> {
+    match b {
+        Binding::None => None,
+        Binding::Bound { address, .. } => Some(address),
+        Binding::Refused(reason) => {
+            notes.push(format!("{what}: not bound to a waypoint: {reason}"));
+            None
+        }
+    }
+}
 
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
@@ -244,7 +265,17 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
     }
 
     for svc in idx.services.values() {
-        if let Some(v) = service_of(svc, &s.domain_suffix) {
+        if let Some(mut v) = service_of(svc, &s.domain_suffix) {
+            let labels = svc.metadata.labels.as_ref();
+            if !waypoint::is_waypoint_object(labels) {
+                let b =
+                    waypoint::resolve(idx, &v.namespace, labels, Target::Service, &s.domain_suffix);
+                v.waypoint = bind(
+                    &format!("Service {}/{}", v.namespace, v.name),
+                    b,
+                    &mut out.notes,
+                );
+            }
             out.services.push(v);
         }
     }
@@ -289,6 +320,12 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
                 authz.entry(a.key()).or_insert(a);
             }
         }
+        let waypoint = if ambient && !waypoint::is_waypoint_object(Some(labels)) {
+            let b = waypoint::resolve(idx, &ns, Some(labels), Target::Workload, &s.domain_suffix);
+            bind(&format!("Pod {ns}/{name}"), b, &mut out.notes)
+        } else {
+            None
+        };
         let (workload_name, workload_type) = workload_name_and_type(pod);
         let services = idx
             .services
@@ -319,7 +356,7 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
                 .unwrap_or_else(|| "default".into()),
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
             hostname: String::new(),
-            waypoint: None,
+            waypoint,
             canonical_name: label(
                 labels,
                 &[
@@ -455,6 +492,60 @@ spec:
         assert_eq!(svc.hostname, "echo.foo.svc.cluster.local");
         assert_eq!(svc.ports, BTreeMap::from([(80, 0), (9000, 9001)]));
         assert_eq!(svc.vips[0].address.to_string(), "10.96.10.20");
+    }
+
+    // waypoint-semantics.md §2.2/§2.4: the binding is data on the Service / Workload.
+    #[test]
+    fn bound_services_and_pods_carry_the_waypoint_address() {
+        let yaml = BASE.replace(
+            "metadata: {name: foo, labels: {istio.io/dataplane-mode: ambient}}",
+            "metadata: {name: foo, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}",
+        ) + r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: foo, labels: {istio.io/waypoint-for: all}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+status: {addresses: [{type: Hostname, value: waypoint.foo.svc.cluster.local}]}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-abc
+  namespace: foo
+  labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}
+spec: {serviceAccountName: waypoint, nodeName: node-a, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.1.9, conditions: [{type: Ready, status: "True"}]}
+"#;
+        let r = translate(&index(&yaml), &settings());
+        let svc = &r.services[0];
+        assert!(svc.waypoint.is_some(), "{:?}", r.notes);
+        let echo = r
+            .workloads
+            .iter()
+            .find(|w| w.name == "echo-7d9f8-abcde")
+            .unwrap();
+        assert!(
+            echo.waypoint.is_some(),
+            "waypoint-for: all covers workloads"
+        );
+        let wp = r
+            .workloads
+            .iter()
+            .find(|w| w.name == "waypoint-abc")
+            .unwrap();
+        assert!(wp.waypoint.is_none(), "a waypoint never gets a waypoint");
+        // Without status.addresses the binding is refused with a note, never silently made.
+        let pending = yaml.replace(
+            "status: {addresses: [{type: Hostname, value: waypoint.foo.svc.cluster.local}]}",
+            "",
+        );
+        let r = translate(&index(&pending), &settings());
+        assert!(r.services[0].waypoint.is_none());
+        assert!(
+            r.notes.iter().any(|n| n.contains("not ready")),
+            "{:?}",
+            r.notes
+        );
     }
 
     #[test]
