@@ -250,11 +250,10 @@ pub fn resolve(
             "waypoint {key} does not allow attachment from namespace {ns} (listener allowedRoutes)"
         ));
     }
-    let covers = match (target, gw.waypoint_for()) {
-        (_, "all") => true,
-        (Target::Service, "service") | (Target::Workload, "workload") => true,
-        _ => false,
-    };
+    let covers = matches!(
+        (target, gw.waypoint_for()),
+        (_, "all") | (Target::Service, "service") | (Target::Workload, "workload")
+    );
     if !covers {
         return if explicit {
             Binding::Refused(format!(
