@@ -480,4 +480,161 @@ mod tests {
         assert_eq!(token_hash("a"), token_hash("a"));
         assert_ne!(token_hash("a"), token_hash("b"));
     }
+
+    /// A scripted API server: TokenReview says `istio-system/ztunnel` bound to pod
+    /// `ztunnel-a` uid `u1`; GET of that pod answers `pod` (404 when `None`).
+    #[derive(Default)]
+    struct Script {
+        reviews: usize,
+        pod_gets: usize,
+        pod: Option<serde_json::Value>,
+    }
+
+    fn scripted(script: Arc<Mutex<Script>>) -> kube::Client {
+        let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let script = script.clone();
+            async move {
+                let mut s = script.lock().unwrap();
+                let (code, body) = match req.uri().path() {
+                    "/apis/authentication.k8s.io/v1/tokenreviews" => {
+                        s.reviews += 1;
+                        (
+                            200,
+                            serde_json::json!({
+                                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                                "spec": {},
+                                "status": {"authenticated": true, "audiences": ["istio-ca"],
+                                    "user": {"username": "system:serviceaccount:istio-system:ztunnel",
+                                             "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-a"],
+                                                       "authentication.kubernetes.io/pod-uid": ["u1"]}}}
+                            }),
+                        )
+                    }
+                    "/api/v1/namespaces/istio-system/pods/ztunnel-a" => {
+                        s.pod_gets += 1;
+                        match &s.pod {
+                            Some(p) => (200, p.clone()),
+                            None => (
+                                404,
+                                serde_json::json!({
+                                    "apiVersion": "v1", "kind": "Status", "status": "Failure",
+                                    "reason": "NotFound", "code": 404,
+                                    "message": "pods \"ztunnel-a\" not found"
+                                }),
+                            ),
+                        }
+                    }
+                    other => panic!("unexpected request {other}"),
+                };
+                let resp = http::Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body.to_string().into_bytes()))
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        kube::Client::new(svc, "default")
+    }
+
+    fn pod_json(uid: &str, node: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "ztunnel-a", "namespace": "istio-system", "uid": uid},
+            "spec": {"nodeName": node, "containers": []}
+        })
+    }
+
+    fn index_with(pod: Option<serde_json::Value>) -> watch::Receiver<Arc<Index>> {
+        let mut idx = Index::default();
+        if let Some(p) = pod {
+            idx.apply(crate::index::Object::Pod(
+                serde_json::from_value(p).unwrap(),
+            ));
+        }
+        watch::channel(Arc::new(idx)).1
+    }
+
+    #[tokio::test]
+    async fn reviews_are_cached_and_the_node_comes_from_the_bound_pod() {
+        let script = Arc::new(Mutex::new(Script {
+            pod: Some(pod_json("u1", "node-a")),
+            ..Default::default()
+        }));
+        let a = TokenReviewAuthenticator::new(
+            scripted(script.clone()),
+            index_with(None),
+            Duration::from_secs(60),
+        );
+        let c = a.authenticate(Some("tok")).await.unwrap();
+        assert_eq!(c.to_string(), "istio-system/ztunnel@node-a");
+        assert_eq!(a.authenticate(Some("tok")).await.unwrap(), c);
+        {
+            let s = script.lock().unwrap();
+            assert_eq!(
+                (s.reviews, s.pod_gets),
+                (1, 1),
+                "the second call is served from the cache"
+            );
+        }
+        a.authenticate(Some("other")).await.unwrap();
+        assert_eq!(
+            script.lock().unwrap().reviews,
+            2,
+            "another token is reviewed"
+        );
+        assert!(matches!(
+            a.authenticate(Some("")).await,
+            Err(AuthError::Missing)
+        ));
+
+        // No cache: every call is a review; a pod in the index needs no GET.
+        let script = Arc::new(Mutex::new(Script::default()));
+        let a = TokenReviewAuthenticator::new(
+            scripted(script.clone()),
+            index_with(Some(pod_json("u1", "node-b"))),
+            Duration::ZERO,
+        );
+        for _ in 0..2 {
+            let c = a.authenticate(Some("tok")).await.unwrap();
+            assert_eq!(c.node.as_deref(), Some("node-b"));
+        }
+        let s = script.lock().unwrap();
+        assert_eq!((s.reviews, s.pod_gets), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_recreated_pod_is_refused() {
+        let script = Arc::new(Mutex::new(Script::default()));
+        let a = TokenReviewAuthenticator::new(
+            scripted(script.clone()),
+            index_with(None),
+            Duration::from_secs(60),
+        );
+        let e = a.authenticate(Some("tok")).await.unwrap_err();
+        assert!(matches!(e, AuthError::PodNotFound { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("istio-system/ztunnel-a, which does not exist"),
+            "{e}"
+        );
+
+        // Same name, new uid (in the index and in the API): a stale token.
+        script.lock().unwrap().pod = Some(pod_json("u2", "node-b"));
+        let a = TokenReviewAuthenticator::new(
+            scripted(script.clone()),
+            index_with(Some(pod_json("u2", "node-b"))),
+            Duration::from_secs(60),
+        );
+        let e = a.authenticate(Some("tok")).await.unwrap_err();
+        assert!(matches!(e, AuthError::PodReplaced { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("uid u1, but that pod now has uid u2"),
+            "{e}"
+        );
+        // Refusals are not cached.
+        a.authenticate(Some("tok")).await.unwrap_err();
+        assert_eq!(script.lock().unwrap().reviews, 3);
+    }
 }
