@@ -6,7 +6,8 @@
 //!  Pod ───────┤
 //!  Service ───┼─► State (index, per-kind relist buffers, rejections) ─► publisher ─► watch<Arc<Index>>
 //!  AuthorizationPolicy (security.istio.io v1, else v1beta1) ──┤     (coalesces bursts)
-//!  PeerAuthentication  (security.istio.io v1, else v1beta1) ──┘
+//!  PeerAuthentication  (security.istio.io v1, else v1beta1) ──┤
+//!  Gateway (gateway.networking.k8s.io v1, else v1beta1) ──────┘  (waypoints)
 //! ```
 //!
 //! - Every watcher applies `Apply`/`Delete` events to the index; a (re)list (`Init`,
@@ -17,9 +18,11 @@
 //!   source's. An object that fails is logged with its namespace/name and the reason, listed
 //!   in [`Index::rejected`], and skipped (a previous version of it is dropped, as when a
 //!   manifest file turns invalid); the others are unaffected.
-//! - The version watched is the first of `v1`, `v1beta1` that the server serves for the
-//!   resource (objects written in either version are read through it). If the CRD is not
-//!   installed, the kind counts as listed-and-empty and discovery is retried every 10 s.
+//! - Gateways are read into [`crate::waypoint::Gateway`] (only the fields waypoints need).
+//! - For these CRD kinds the version watched is the first of `v1`, `v1beta1` that the server
+//!   serves for the resource (objects written in either version are read through it). If the
+//!   CRD is not installed, the kind counts as listed-and-empty and discovery is retried every
+//!   10 s.
 //! - Readiness: nothing is published until every kind has completed its first listing;
 //!   [`Kubernetes::start`] returns only then, and the control plane binds its ports after it.
 //!   Later relists (after a watch error) never withdraw the published index.
@@ -51,15 +54,53 @@ use crate::{
 
 /// The API group of Istio's security CRDs.
 pub const SECURITY_GROUP: &str = "security.istio.io";
-/// Served versions of the security CRDs, in order of preference.
-pub const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+/// The API group of Gateway API.
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// Versions watched for a CRD kind, in order of preference.
+pub const CRD_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
-const KINDS: [&str; 5] = [
+const KINDS: [&str; 6] = [
     "Namespace",
     "Pod",
     "Service",
     "AuthorizationPolicy",
     "PeerAuthentication",
+    "Gateway",
+];
+
+/// A kind served by a CRD, found through discovery.
+#[derive(Debug, Clone, Copy)]
+struct CrdKind {
+    group: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    /// What to install when the CRD is missing.
+    install: &'static str,
+    convert: fn(&ApiResource, DynamicObject) -> Result<Object, String>,
+}
+
+const CRD_KINDS: [CrdKind; 3] = [
+    CrdKind {
+        group: SECURITY_GROUP,
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+        install: "manifests/crds/istio",
+        convert: policy_object,
+    },
+    CrdKind {
+        group: SECURITY_GROUP,
+        kind: "PeerAuthentication",
+        plural: "peerauthentications",
+        install: "manifests/crds/istio",
+        convert: policy_object,
+    },
+    CrdKind {
+        group: GATEWAY_GROUP,
+        kind: "Gateway",
+        plural: "gateways",
+        install: "the Gateway API CRDs",
+        convert: gateway_object,
+    },
 ];
 
 /// Bursts of events (a relist, a rollout) within this window make one publish.
@@ -268,18 +309,22 @@ async fn run_watch<K, F>(
     }
 }
 
-/// The first of [`SECURITY_VERSIONS`] in which the server serves `plural`, if any.
-async fn served_version(client: &Client, plural: &str) -> Result<Option<&'static str>, String> {
+/// The first of [`CRD_VERSIONS`] in which the server serves `group`/`plural`, if any.
+async fn served_version(
+    client: &Client,
+    group: &str,
+    plural: &str,
+) -> Result<Option<&'static str>, String> {
     let groups = client.list_api_groups().await.map_err(|e| e.to_string())?;
-    let Some(group) = groups.groups.iter().find(|g| g.name == SECURITY_GROUP) else {
+    let Some(g) = groups.groups.iter().find(|g| g.name == group) else {
         return Ok(None);
     };
-    for v in SECURITY_VERSIONS {
-        if !group.versions.iter().any(|gv| gv.version == v) {
+    for v in CRD_VERSIONS {
+        if !g.versions.iter().any(|gv| gv.version == v) {
             continue;
         }
         let resources = client
-            .list_api_group_resources(&format!("{SECURITY_GROUP}/{v}"))
+            .list_api_group_resources(&format!("{group}/{v}"))
             .await
             .map_err(|e| e.to_string())?;
         if resources.resources.iter().any(|r| r.name == plural) {
@@ -316,37 +361,52 @@ pub fn policy_object(ar: &ApiResource, mut o: DynamicObject) -> Result<Object, S
     }
 }
 
-/// Discovers the served version of a security kind, then watches it. While the CRD is not
+/// A Gateway API `Gateway`, the fields waypoints need.
+pub fn gateway_object(ar: &ApiResource, mut o: DynamicObject) -> Result<Object, String> {
+    o.metadata.managed_fields = None;
+    let at = format!(
+        "{} {}",
+        ar.kind,
+        index::key(o.metadata.namespace.as_deref(), o.metadata.name.as_deref())
+    );
+    let v = serde_json::to_value(&o).map_err(|e| format!("{at}: {e}"))?;
+    serde_json::from_value(v)
+        .map(Object::Gateway)
+        .map_err(|e| format!("{at}: {e}"))
+}
+
+/// Discovers the served version of a CRD kind, then watches it. While the CRD is not
 /// installed the kind counts as listed and empty.
-async fn run_policies(
-    shared: Arc<Shared>,
-    client: Client,
-    kind: &'static str,
-    plural: &'static str,
-    drain: DrainWatcher,
-) {
+async fn run_crd(shared: Arc<Shared>, client: Client, crd: CrdKind, drain: DrainWatcher) {
+    let CrdKind {
+        group,
+        kind,
+        plural,
+        install,
+        convert,
+    } = crd;
     let mut marked_empty = false;
     loop {
-        match served_version(&client, plural).await {
+        match served_version(&client, group, plural).await {
             Ok(Some(version)) => {
                 let ar = ApiResource {
-                    group: SECURITY_GROUP.to_owned(),
+                    group: group.to_owned(),
                     version: version.to_owned(),
-                    api_version: format!("{SECURITY_GROUP}/{version}"),
+                    api_version: format!("{group}/{version}"),
                     kind: kind.to_owned(),
                     plural: plural.to_owned(),
                 };
                 info!(kind, api_version = %ar.api_version, "watching");
                 let api: Api<DynamicObject> = Api::all_with(client, &ar);
-                run_watch(shared, kind, api, move |o| policy_object(&ar, o), drain).await;
+                run_watch(shared, kind, api, move |o| convert(&ar, o), drain).await;
                 return;
             }
             Ok(None) => {
                 if !marked_empty {
                     warn!(
                         kind,
-                        group = SECURITY_GROUP,
-                        "CRD not installed: no {kind} is enforced until it is (install manifests/crds/istio); checking again every {}s",
+                        group,
+                        "CRD not installed: no {kind} is used until it is (install {install}); checking again every {}s",
                         DISCOVERY_RETRY.as_secs()
                     );
                     shared.init(kind);
@@ -458,13 +518,9 @@ impl Source for Kubernetes {
             )
             .instrument(span("Service")),
         );
-        for (kind, plural) in [
-            ("AuthorizationPolicy", "authorizationpolicies"),
-            ("PeerAuthentication", "peerauthentications"),
-        ] {
+        for crd in CRD_KINDS {
             tokio::spawn(
-                run_policies(shared.clone(), c.clone(), kind, plural, drain.clone())
-                    .instrument(span(kind)),
+                run_crd(shared.clone(), c.clone(), crd, drain.clone()).instrument(span(crd.kind)),
             );
         }
         loop {
@@ -527,6 +583,37 @@ mod tests {
         let e = policy_object(&ap_resource(), bad).unwrap_err();
         assert!(e.contains("AuthorizationPolicy foo/typo"), "{e}");
         assert!(e.contains("principal"), "{e}");
+    }
+
+    #[test]
+    fn gateways_keep_the_fields_waypoints_read() {
+        let ar = ApiResource {
+            group: GATEWAY_GROUP.into(),
+            version: "v1".into(),
+            api_version: "gateway.networking.k8s.io/v1".into(),
+            kind: "Gateway".into(),
+            plural: "gateways".into(),
+        };
+        let o = dynamic(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "foo", "labels": {"istio.io/waypoint-for": "all"}},
+            "spec": {"gatewayClassName": "istio-waypoint",
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+            "status": {"addresses": [{"type": "IPAddress", "value": "10.96.0.9"}]}
+        }));
+        match gateway_object(&ar, o).unwrap() {
+            Object::Gateway(g) => {
+                assert_eq!((g.namespace(), g.name()), ("foo", "waypoint"));
+                assert_eq!(g.spec.gateway_class_name, "istio-waypoint");
+                assert_eq!(g.waypoint_for(), "all");
+            }
+            o => panic!("{}", o.kind()),
+        }
+        let bad = dynamic(serde_json::json!({
+            "metadata": {"name": "w", "namespace": "foo"}, "spec": {"listeners": "nope"}
+        }));
+        let e = gateway_object(&ar, bad).unwrap_err();
+        assert!(e.starts_with("Gateway foo/w: "), "{e}");
     }
 
     #[test]
