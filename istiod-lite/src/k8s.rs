@@ -171,8 +171,8 @@ fn rejected_key(kind: &str, key: &str) -> String {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way that
-        // matters more than stopping would; keep serving.
+        // Recover from poisoning: each update is a handful of map operations on owned data,
+        // so a holder that panicked leaves a usable state, and serving it beats stopping.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -285,7 +285,7 @@ async fn run_watch<K, F>(
         let ev = match ev {
             Some(Ok(ev)) => ev,
             Some(Err(e)) => {
-                warn!(kind, error = %e, "watch failed; retrying with backoff (check istiod-lite's RBAC: list and watch on this kind, cluster-wide)");
+                warn!(kind, error = %e, "watch failed; retrying with backoff (check that the API server is reachable and that istiod-lite may list and watch this kind cluster-wide)");
                 continue;
             }
             None => {
