@@ -84,14 +84,14 @@ const CRD_KINDS: [CrdKind; 3] = [
         group: SECURITY_GROUP,
         kind: "AuthorizationPolicy",
         plural: "authorizationpolicies",
-        install: "manifests/crds/istio",
+        install: "manifests/crds/security.istio.io.yaml",
         convert: policy_object,
     },
     CrdKind {
         group: SECURITY_GROUP,
         kind: "PeerAuthentication",
         plural: "peerauthentications",
-        install: "manifests/crds/istio",
+        install: "manifests/crds/security.istio.io.yaml",
         convert: policy_object,
     },
     CrdKind {

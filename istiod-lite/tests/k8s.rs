@@ -117,10 +117,11 @@ impl Cluster {
         self.client.clone().unwrap()
     }
 
-    /// Istio's vendored security CRDs, minus the CEL rules 1.20 does not know (in memory).
+    /// The mesh's security.istio.io CRDs (`manifests/crds/`); any CEL rules stripped in memory
+    /// for the 1.20 server.
     async fn install_crds(&self) {
         let text =
-            std::fs::read_to_string(repo().join("manifests/crds/istio/security.istio.io.gen.yaml"))
+            std::fs::read_to_string(repo().join("manifests/crds/security.istio.io.yaml"))
                 .unwrap();
         let crd = ApiResource {
             group: "apiextensions.k8s.io".into(),

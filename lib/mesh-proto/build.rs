@@ -4,7 +4,10 @@
 use std::{io, path::PathBuf};
 
 fn main() -> io::Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time (cargo sets it for every build-script run), not baked in at compile
+    // time: a build script binary reused from another checkout must not look there.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").map_err(io::Error::other)?;
+    let root = PathBuf::from(manifest).join("../../proto");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "proto"))
