@@ -10,25 +10,13 @@ use serde::Serialize;
 
 use crate::{enablement::Policy, redirect::Family};
 
+/// A positive duration (`500ms`, `5s`, `1m`).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 1m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?} has unknown unit {unit:?} (use ms, s or m)")),
-    };
-    if !secs.is_finite() || secs <= 0.0 {
+    let d = mesh_rt::config::parse_duration(s)?;
+    if d.is_zero() {
         return Err(format!("{s:?} must be a positive duration"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 /// Where pod and namespace knowledge comes from.

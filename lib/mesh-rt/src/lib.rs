@@ -10,6 +10,7 @@
 //! - [`logging`] — tracing setup with a runtime-adjustable filter;
 //! - [`signal`] — SIGTERM/SIGINT.
 
+pub mod config;
 pub mod drain;
 pub mod http;
 pub mod logging;
