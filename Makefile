@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build release test test-unit test-netns fuzz-smoke k8s-smoke lint fmt presubmit demo deps clean bench bench-quick bench-deps callgrind
+.PHONY: all build release test test-unit test-netns fuzz-smoke k8s-smoke lint fmt presubmit demo demo-up demo-down demo-loopback lab-smoke lab-deps lab-release deps clean bench bench-quick bench-deps callgrind
 
 all: build
 
@@ -14,9 +14,33 @@ build:
 release:
 	$(CARGO) build --workspace --locked --release
 
-## demo: two ztunnels on loopback, a client and an echo server, traffic, a policy that denies.
-demo: release
+## demo: the netns lab (root; installs its apt packages): a router and two node netns, pods
+## wired by Debian's CNI plugins with mesh-cni chained last, the real node agents, ztunnels
+## (in-pod shared mode) and istiod-lite; traffic, identities, what crossed, a deny; teardown.
+demo: lab-deps lab-release
+	python3 e2e/lab/lab.py demo --no-install
+
+## demo-up / demo-down: the same lab left running to explore; demo-down removes exactly it.
+demo-up: lab-deps lab-release
+	python3 e2e/lab/lab.py up --no-install
+
+demo-down:
+	python3 e2e/lab/lab.py down
+
+## demo-loopback: the older demo: two ztunnels on loopback, SOCKS5 entry, local config.
+demo-loopback: release
 	bash e2e/demo-loopback.sh
+
+## lab-smoke: the demo's lab with the debug binaries `make test` builds (CI runs this).
+lab-smoke: lab-deps
+	$(CARGO) build --locked -p ztunnel -p cni-plugin -p istiod-lite
+	MESH_LAB_BIN=target/debug python3 e2e/lab/lab.py demo --no-install
+
+lab-release:
+	$(CARGO) build --release --locked -p ztunnel -p cni-plugin -p istiod-lite
+
+lab-deps:
+	python3 e2e/lab/lab.py deps
 
 ## test: every test tier this machine can run (netns tests need root; CI runs as root).
 test:
