@@ -767,7 +767,7 @@ def print_explore(lab):
     log(bold("The lab is up. Explore:"))
     lp = os.path.relpath(os.path.join(HERE, "lab.py"), os.getcwd())
     for name, p in s.d["pods"].items():
-        log(f"  {p['namespace']}/{name:<8} {p['ip']:<11} on {p['nodeName']}:  ip netns exec {p['netns']} bash     (or: python3 {lp} exec {name} -- CMD)")
+        log(f"  {p['namespace'] + '/' + name:<14} {p['ip']:<11} on {p['nodeName']}:  ip netns exec {p['netns']} bash     (or: python3 {lp} exec {name} -- CMD)")
     log(f"  try:   ip netns exec {s.d['pods']['sleep']['netns']} curl -s http://{VIP}:{VIP_PORT}/get")
     for n in (1, 2):
         log(f"  node{n}:  ip netns exec {s.ns(f'node{n}')} bash   (ztunnel admin: curl -s 127.0.0.1:15000/config_dump, metrics :15020/metrics)")
@@ -916,7 +916,7 @@ def cmd_status(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo")
     d.add_argument("--keep-logs", action="store_true", help="keep the work dir (logs) after a passing run")
     d.add_argument("--no-install", action="store_true")
@@ -935,7 +935,7 @@ def main():
     dp.add_argument("--check", action="store_true", help="only report, do not install")
     a = ap.parse_args()
     try:
-        if a.cmd == "deps":
+        if a.command == "deps":
             need = missing_deps()
             if a.check:
                 log("missing: " + (" ".join(need) or "nothing"))
@@ -943,7 +943,7 @@ def main():
             ensure_deps()
             log("lab dependencies present")
             return 0
-        return {"demo": cmd_demo, "up": cmd_up, "down": cmd_down, "exec": cmd_exec, "status": cmd_status}[a.cmd](a)
+        return {"demo": cmd_demo, "up": cmd_up, "down": cmd_down, "exec": cmd_exec, "status": cmd_status}[a.command](a)
     except LabError as e:
         log(f"lab: {e}")
         return 1
