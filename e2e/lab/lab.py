@@ -653,6 +653,22 @@ def short_access(line):
     return "  ".join(f"{k}={f[k]}" for k in keep if f.get(k))
 
 
+def show_access(node, line):
+    """An access-log line, its fields on three short lines (the raw line is in the log)."""
+    f = fields(line)
+    src = f.get("src.addr", "").replace("[::ffff:", "").replace("]", "")
+    via = f" via HBONE {f['dst.hbone_addr']}" if f.get("dst.hbone_addr") else ""
+    svc = f" ({f['dst.service']})" if f.get("dst.service") else ""
+    pad = " " * (len(node) + 6)
+    log(f"    {node}: {f.get('direction', '?'):<8} src {src:<18} {f.get('src.identity') or '(no identity: plaintext)'}")
+    log(f"    {pad}       dst {f.get('dst.addr', ''):<18} {f.get('dst.identity', '')}{svc}{via}")
+    if f.get("policy"):
+        log(f"    {pad}       DENIED by policy {f['policy']}: {f.get('reason', '')}")
+    else:
+        log(f"    {pad}       bytes sent {f.get('bytes_sent', '?')} received {f.get('bytes_recv', '?')}"
+            + (f"  error: {f['error']}" if f.get("error") else ""))
+
+
 class Steps:
     def __init__(self):
         self.n = 0
@@ -710,10 +726,10 @@ def walkthrough(lab, say):
     time.sleep(0.5)
     out_lines = wait_for("access-log lines on node1", lambda: lab.access_lines("node1", pos["node1"]), 10)
     in_lines = wait_for("access-log lines on node2", lambda: lab.access_lines("node2", pos["node2"]), 10)
-    for l in out_lines[:1]:
-        log(f"    node1: {short_access(l)}")
-    for l in in_lines[:1]:
-        log(f"    node2: {short_access(l)}")
+    show_access("node1", out_lines[0])
+    show_access("node2", in_lines[0])
+    log("    node2's line as logged:")
+    log("      " + in_lines[0][in_lines[0].find("access:"):])
     both = [l for l in out_lines + in_lines if sid in l and hid in l]
     check(len(both) >= 2, f"access lines carry src {sid} and dst {hid}")
 
@@ -730,7 +746,7 @@ def walkthrough(lab, say):
     log(f"    positive control, legacy (not in the mesh) -> {VIP}:{VIP_PORT}: HTTP {code}; marker in plaintext: {c[0][0]} pkts, other: {c[3][0]} pkts")
     check(code == 200 and c[0][0] > 0, "the same payload from a pod outside the mesh is seen in plaintext (the match works)")
     plain = wait_for("node2's plaintext inbound access line", lambda: lab.access_lines("node2", pos2), 10)
-    log(f"    node2: {short_access(plain[0])}")
+    show_access("node2", plain[0])
     check("src.identity" not in short_access(plain[0]) and hid in plain[0],
           "httpbin's ztunnel captured it on :15006: no client identity, destination identity httpbin")
 
@@ -754,7 +770,7 @@ def walkthrough(lab, say):
     log(f"    sleep -> {VIP}:{VIP_PORT}: {('HTTP %d' % code) if code else 'refused: ' + body}")
     check(code == 0, "sleep is refused")
     denied = wait_for("the deny access line", lambda: [l for l in lab.access_lines("node2", pos) if "deny-sleep" in l], 10)
-    log(f"    node2: {short_access(denied[0])}")
+    show_access("node2", denied[0])
     check(sid in denied[0], "node2's access log names the policy demo/deny-sleep and the denied identity")
     code, body = lab.http(legacy["netns"], f"http://{VIP}:{VIP_PORT}/get", check=False)
     log(f"    legacy -> {VIP}:{VIP_PORT}: HTTP {code}")
