@@ -34,7 +34,7 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, HERE)
 import cnirt  # noqa: E402
 
-BIN = os.environ.get("MESH_LAB_BIN", os.path.join(REPO, "target", "release"))
+BIN = os.path.abspath(os.environ.get("MESH_LAB_BIN", os.path.join(REPO, "target", "release")))
 POINTER_DIR = "/run/mesh-lab"
 POINTER = os.path.join(POINTER_DIR, "current")
 PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -138,7 +138,7 @@ def missing_deps():
     return sorted(need)
 
 
-def ensure_deps(install=True):
+def ensure_deps(install=True, binaries=True):
     need = missing_deps()
     if need and install:
         log(f"installing {' '.join(need)} (apt-get)")
@@ -148,12 +148,14 @@ def ensure_deps(install=True):
         need = missing_deps()
     if need:
         raise LabError(f"missing packages: {' '.join(need)}")
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, iptables)")
+    if not binaries:
+        return
     bins = [os.path.join(BIN, b) for b in ("ztunnel", "mesh-cni", "mesh-cni-agent", "istiod-lite")]
     absent = [b for b in bins if not os.access(b, os.X_OK)]
     if absent:
         raise LabError(f"missing binaries {' '.join(absent)}: run `cargo build --release -p ztunnel -p cni-plugin -p istiod-lite`")
-    if os.geteuid() != 0:
-        raise LabError("the lab needs root (network namespaces, iptables)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -956,7 +958,7 @@ def main():
             if a.check:
                 log("missing: " + (" ".join(need) or "nothing"))
                 return 1 if need else 0
-            ensure_deps()
+            ensure_deps(binaries=False)
             log("lab dependencies present")
             return 0
         return {"demo": cmd_demo, "up": cmd_up, "down": cmd_down, "exec": cmd_exec, "status": cmd_status}[a.command](a)
