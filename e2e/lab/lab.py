@@ -253,10 +253,15 @@ class Lab:
         run(["ip", "-n", name, "link", "set", "lo", "up"])
         return name
 
+    @staticmethod
+    def forwarding(ns):
+        # /proc/sys/net is per netns: written from inside ns, it sets ns's own sysctl.
+        run(nsx(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"))
+
     def build_topology(self):
         rtr = self.add_netns("rtr")
         run(["ip", "-n", rtr, "addr", "add", f"{ISTIOD_IP}/32", "dev", "lo"])
-        run(nsx(rtr, "sysctl", "-qw", "net.ipv4.ip_forward=1"))
+        self.forwarding(rtr)
         for n in (1, 2):
             node = self.add_netns(f"node{n}")
             run(["ip", "-n", rtr, "link", "add", f"r-n{n}", "type", "veth", "peer", "name", "eth0", "netns", node])
@@ -265,7 +270,7 @@ class Lab:
             run(["ip", "-n", node, "addr", "add", f"10.100.{n}.2/24", "dev", "eth0"])
             run(["ip", "-n", node, "link", "set", "eth0", "up"])
             run(["ip", "-n", node, "route", "add", "default", "via", f"10.100.{n}.1"])
-            run(nsx(node, "sysctl", "-qw", "net.ipv4.ip_forward=1"))
+            self.forwarding(node)
             run(["ip", "-n", rtr, "route", "add", f"10.244.{n}.0/24", "via", f"10.100.{n}.2"])
             self.write_conflists(n)
         # Accounting of pod-to-pod traffic between the nodes (the router forwards all of it).
