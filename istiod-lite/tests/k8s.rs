@@ -121,8 +121,7 @@ impl Cluster {
     /// for the 1.20 server.
     async fn install_crds(&self) {
         let text =
-            std::fs::read_to_string(repo().join("manifests/crds/security.istio.io.yaml"))
-                .unwrap();
+            std::fs::read_to_string(repo().join("manifests/crds/security.istio.io.yaml")).unwrap();
         let crd = ApiResource {
             group: "apiextensions.k8s.io".into(),
             version: "v1".into(),
