@@ -81,7 +81,21 @@ impl ProxyInputs {
         src_identity: Option<Identity>,
     ) -> Decision {
         self.authz_calls.fetch_add(1, Ordering::Relaxed);
-        let policies = self.state.read(|s| s.policies_for(dst_w));
+        // The policies of the workload as it is *now*: a connection may have been accepted
+        // long before a selector policy was attached to it (found by the netns lab). A
+        // workload that left the configuration gets nothing (fail closed).
+        let policies = self.state.read(|s| {
+            s.workload_by_uid(&dst_w.uid)
+                .map(|current| s.policies_for(&current))
+        });
+        let Some(policies) = policies else {
+            return Decision {
+                allowed: false,
+                policy: None,
+                rule: None,
+                reason: "the destination workload is no longer in the configuration",
+            };
+        };
         let conn = Connection {
             src: SocketAddr::new(canonical_ip(src.ip()), src.port()),
             dst: SocketAddr::new(canonical_ip(dst.ip()), dst.port()),

@@ -317,6 +317,43 @@ async fn admin_endpoints_dump_config_and_report_readiness() {
     assert_eq!(status, 404);
 }
 
+/// Found by the netns lab: a selector policy attached after an HBONE connection was
+/// accepted must apply to the next stream on that same pooled connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_attached_later_applies_to_streams_on_an_open_connection() {
+    let t = two(24, false, "[]").await;
+    assert_eq!(t.send(t.vip(), b"before").await.unwrap(), b"before");
+    let opened = t.a.proxy.pool.connections_opened();
+    let deny = r#"
+- name: deny-sel
+  namespace: foo
+  scope: WorkloadSelector
+  action: Deny
+  rules: [[[{principals: [{Exact: cluster.local/ns/bar/sa/sleep}]}]]]
+"#;
+    let body = config(&t.m, t.app.port(), "echo", deny).replace(
+        "  node: node-b\n",
+        "  node: node-b\n  authorizationPolicies: [foo/deny-sel]\n",
+    );
+    assert!(body.contains("authorizationPolicies"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(t.m.dir.path().join("b.yaml"), body).unwrap();
+    let mut denied = false;
+    for _ in 0..50 {
+        if t.send(t.vip(), b"after").await.is_err() {
+            denied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(denied, "the selector policy was never enforced");
+    assert_eq!(
+        t.a.proxy.pool.connections_opened(),
+        opened,
+        "the stream rode the connection opened before the policy existed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_config_reload_keeps_serving_previous_state() {
     let t = two(21, false, "[]").await;
