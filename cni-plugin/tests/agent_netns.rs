@@ -35,7 +35,7 @@ use cni_plugin::{
     redirect::{Family, PodOptions},
     source::{FilesSource, PodSource},
 };
-use common::{Proc, TestNs, link, runnable, wait_until};
+use common::{Proc, TestNs, link, runnable, wait_until, ztunnel_bin};
 
 const NODE: &str = "node1";
 
@@ -167,28 +167,6 @@ async fn cni_add(
     tokio::task::spawn_blocking(move || lab.cni_add(name, uid, &netns, ip))
         .await
         .unwrap()
-}
-
-fn ztunnel_bin() -> Option<PathBuf> {
-    let bin = std::env::current_exe()
-        .ok()?
-        .parent()?
-        .parent()?
-        .join("ztunnel");
-    if bin.exists() {
-        return Some(bin);
-    }
-    if std::env::var("MESH_REQUIRE_NETNS").as_deref() == Ok("1") {
-        panic!(
-            "{} is missing; `cargo test --workspace` (or `cargo build -p ztunnel`) builds it",
-            bin.display()
-        );
-    }
-    eprintln!(
-        "SKIPPED: {} not built (cargo build -p ztunnel)",
-        bin.display()
-    );
-    None
 }
 
 fn start_ztunnel(bin: &Path, lab: &Lab, zt_ns: &TestNs, run: u32) -> (Proc, PathBuf) {

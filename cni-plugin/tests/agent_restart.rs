@@ -14,36 +14,14 @@ mod common;
 use std::{
     fs::File,
     net::TcpStream,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use common::{Proc, TestNs, link, runnable, wait_until};
+use common::{Proc, TestNs, link, runnable, wait_until, ztunnel_bin};
 
 const UID: &str = "5d0c7a1e-1b2c-4d3e-8f90-a1b2c3d4e5f6";
-
-fn ztunnel_bin() -> Option<PathBuf> {
-    let bin = std::env::current_exe()
-        .ok()?
-        .parent()?
-        .parent()?
-        .join("ztunnel");
-    if bin.exists() {
-        return Some(bin);
-    }
-    if std::env::var("MESH_REQUIRE_NETNS").as_deref() == Ok("1") {
-        panic!(
-            "{} is missing; `cargo test --workspace` (or `cargo build -p ztunnel`) builds it",
-            bin.display()
-        );
-    }
-    eprintln!(
-        "SKIPPED: {} not built (cargo build -p ztunnel)",
-        bin.display()
-    );
-    None
-}
 
 fn listening(pod: &TestNs, port: u16) -> bool {
     pod.run(move || {

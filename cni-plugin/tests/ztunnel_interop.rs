@@ -24,26 +24,7 @@ use cni_plugin::{
     netns::Netns,
     zds::{SnapshotEntry, SnapshotSource, Workload, ZdsServer},
 };
-use common::{Proc, TestNs, runnable, wait_until};
-
-fn ztunnel_bin() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("ztunnel");
-    if bin.exists() {
-        return Some(bin);
-    }
-    if std::env::var("MESH_REQUIRE_NETNS").as_deref() == Ok("1") {
-        panic!(
-            "{} is missing; `cargo test --workspace` (or `cargo build -p ztunnel`) builds it",
-            bin.display()
-        );
-    }
-    eprintln!(
-        "SKIPPED: {} not built (cargo build -p ztunnel)",
-        bin.display()
-    );
-    None
-}
+use common::{Proc, TestNs, runnable, wait_until, ztunnel_bin};
 
 struct Snap(Mutex<Vec<SnapshotEntry>>);
 impl SnapshotSource for Snap {

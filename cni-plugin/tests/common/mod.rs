@@ -159,3 +159,24 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// The ztunnel binary `cargo test --workspace` builds next to this test, or `None` (with a
+/// SKIPPED line) when it is missing; under `MESH_REQUIRE_NETNS=1` a missing binary fails.
+pub fn ztunnel_bin() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("ztunnel");
+    if bin.exists() {
+        return Some(bin);
+    }
+    if std::env::var("MESH_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!(
+            "{} is missing; `cargo test --workspace` (or `cargo build -p ztunnel`) builds it",
+            bin.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED: {} not built (cargo build -p ztunnel)",
+        bin.display()
+    );
+    None
+}
