@@ -14,17 +14,17 @@
 //! - Services and Pods bound to a waypoint (`istio.io/use-waypoint`, see [`waypoint`]) carry
 //!   its address; refused bindings become notes naming the reason.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::core::v1::{Pod, Service as K8sService},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use mesh_core::{
-    policy::{Authorization, Scope},
+    policy::Authorization,
     workload::{HealthStatus, PortMap, Service, TunnelProtocol, Workload},
 };
-use mesh_policy::{MeshConfig, PolicySet, scope::ZtunnelAttachment};
+use mesh_policy::{MeshConfig, PolicySet};
 
 use crate::{
     index::Index,
@@ -254,13 +254,13 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
         peer_authentications: idx.peer_authentications.values().cloned().collect(),
         request_authentications: vec![],
     };
-    let mut authz: BTreeMap<String, Authorization> = BTreeMap::new();
-    for p in &set.authorization_policies {
-        let conv = mesh_policy::l4::convert(p, &s.mesh);
-        out.notes
-            .extend(conv.notes.iter().map(|n| format!("{}: {n}", p.key())));
-        if let Some(l4) = conv.policy {
-            authz.insert(l4.authorization.key(), l4.authorization);
+    // The Authorization resources and each policy's ZtunnelAccepted condition, converted
+    // once per translation (mesh-policy's copy of istiod's ambient index).
+    let converted = mesh_policy::istiod::resources(&set, &s.mesh);
+    for c in &converted.conditions {
+        if !(c.reason == "Accepted" && c.message == "attached to ztunnel") {
+            out.notes
+                .push(format!("{}: {}: {}", c.policy, c.reason, c.message));
         }
     }
 
@@ -294,32 +294,11 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
         let empty = BTreeMap::new();
         let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
         let ambient = is_ambient(idx, pod);
-        let mut policies = BTreeSet::new();
-        if ambient {
-            // The conditions feed status writing, which is not built yet.
-            let (attached, notes, _conditions) =
-                mesh_policy::scope::ztunnel_policies(&set, &s.mesh, &ns, labels);
-            out.notes.extend(notes);
-            for (p, how) in attached {
-                let key = p.key();
-                let selector = matches!(
-                    how,
-                    ZtunnelAttachment::Selector | ZtunnelAttachment::EmptySelectorStrict
-                );
-                if selector
-                    && authz
-                        .get(&key)
-                        .is_some_and(|a| a.scope == Scope::WorkloadSelector)
-                {
-                    policies.insert(key);
-                }
-            }
-            let eff = mesh_policy::peerauthn::for_workload(&set, &s.mesh, &ns, labels);
-            for a in eff.policies {
-                policies.insert(a.key());
-                authz.entry(a.key()).or_insert(a);
-            }
-        }
+        let policies = if ambient {
+            mesh_policy::istiod::workload_policy_keys(&set, &s.mesh, &converted, &ns, labels, None)
+        } else {
+            Vec::new()
+        };
         let waypoint = if ambient && !waypoint::is_waypoint_object(Some(labels)) {
             let b = waypoint::resolve(idx, &ns, Some(labels), Target::Workload, &s.domain_suffix);
             bind(&format!("Pod {ns}/{name}"), b, &mut out.notes)
@@ -380,7 +359,7 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
             workload_name,
             workload_type: workload_type.to_owned(),
             cluster_id: s.cluster_id.clone(),
-            authorization_policies: policies.into_iter().collect(),
+            authorization_policies: policies,
             status: if pod_ready(pod) {
                 HealthStatus::Healthy
             } else {
@@ -389,7 +368,7 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
             services,
         });
     }
-    out.authorizations = authz.into_values().collect();
+    out.authorizations = converted.authorizations;
     out
 }
 

@@ -68,9 +68,13 @@ pub fn resources(set: &PolicySet, mesh: &MeshConfig) -> Resources {
 /// PeerAuthentication-derived ones, and (with `PILOT_AUTO_ALLOW_WAYPOINT_POLICY`) the
 /// waypoint allow policy `istio_allow_waypoint_<ns>_<name>` when `waypoint` is
 /// `(namespace, name)` of the waypoint the workload (or its Service) is bound to.
+///
+/// `converted` is [`resources`] of the same set: policies are converted once per set, not
+/// once per workload.
 pub fn workload_policy_keys(
     set: &PolicySet,
     mesh: &MeshConfig,
+    converted: &Resources,
     namespace: &str,
     labels: &BTreeMap<String, String>,
     waypoint: Option<(&str, &str)>,
@@ -78,11 +82,13 @@ pub fn workload_policy_keys(
     let mut keys: Vec<String> = Vec::new();
     let (ps, _, _) = scope::ztunnel_policies(set, mesh, namespace, labels);
     for (p, _) in ps {
-        if let Some(lp) = l4::convert(p, mesh)
-            .policy
-            .filter(|lp| lp.authorization.scope == Scope::WorkloadSelector)
-        {
-            keys.push(lp.authorization.key());
+        let key = p.key();
+        let selector_scoped = converted
+            .authorizations
+            .binary_search_by(|a| a.key().cmp(&key))
+            .is_ok_and(|i| converted.authorizations[i].scope == Scope::WorkloadSelector);
+        if selector_scoped {
+            keys.push(key);
         }
     }
     for a in peerauthn::for_workload(set, mesh, namespace, labels).policies {
@@ -164,14 +170,21 @@ spec:
         assert!(r.conditions.iter().any(|c| c.policy == "foo/audit"));
         let labels = BTreeMap::from([("app".to_string(), "a".to_string())]);
         assert_eq!(
-            workload_policy_keys(&set, &mesh, "foo", &labels, Some(("foo", "waypoint"))),
+            workload_policy_keys(&set, &mesh, &r, "foo", &labels, Some(("foo", "waypoint"))),
             vec!["foo/converted_peer_authentication_w", "foo/sel"]
         );
         let mut flagged = mesh.clone();
         flagged.feature_flags.auto_allow_waypoint_policy = true;
         assert!(
-            workload_policy_keys(&set, &flagged, "foo", &labels, Some(("foo", "waypoint")))
-                .contains(&"foo/istio_allow_waypoint_foo_waypoint".to_string())
+            workload_policy_keys(
+                &set,
+                &flagged,
+                &resources(&set, &flagged),
+                "foo",
+                &labels,
+                Some(("foo", "waypoint"))
+            )
+            .contains(&"foo/istio_allow_waypoint_foo_waypoint".to_string())
         );
         assert!(!denies_all_plaintext(&set, &mesh, "foo", &labels));
         assert!(!denies_all_plaintext(&set, &mesh, "foo", &BTreeMap::new()));
