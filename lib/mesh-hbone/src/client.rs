@@ -189,13 +189,13 @@ impl Pool {
         req: Request<()>,
     ) -> Result<Tunnel, Error> {
         let authority = req.uri().to_string();
-        let mut tls = Some(tls);
-        let mut last: Option<h2::Error> = None;
-        // At most two attempts: the second only after the peer provably never saw the
-        // stream on a reused connection (GOAWAY, REFUSED_STREAM, a dead socket).
-        while let Some(make) = tls.take() {
+        // Retried only after the peer provably never saw the stream on a *reused*
+        // connection (GOAWAY, REFUSED_STREAM, a dead socket): then the TLS builder came back
+        // unused and the next attempt may open a fresh connection with it. A failure on a
+        // connection just opened is final.
+        let mut make = tls;
+        loop {
             let (sender, shared, unused) = self.checkout(&key, make, connector).await?;
-            tls = unused;
             let guard = StreamGuard {
                 shared: shared.clone(),
                 pool: self.inner.clone(),
@@ -223,15 +223,16 @@ impl Pool {
                         _guard: guard,
                     });
                 }
-                Err(e) if tls.is_some() && unprocessed(&e) => {
-                    debug!(error = %e, dst = %key.dst, "stream not processed by the peer; retrying on a new connection");
-                    shared.closed.store(true, Ordering::Release);
-                    last = Some(e);
-                }
-                Err(e) => return Err(e.into()),
+                Err(e) => match unused {
+                    Some(tls) if unprocessed(&e) => {
+                        debug!(error = %e, dst = %key.dst, "stream not processed by the peer; retrying on a new connection");
+                        shared.closed.store(true, Ordering::Release);
+                        make = tls;
+                    }
+                    _ => return Err(e.into()),
+                },
             }
         }
-        Err(last.map_or(Error::Alpn, Error::H2))
     }
 
     /// Finds a connection with room for one more stream, or opens one with `tls` (which is
