@@ -37,8 +37,19 @@ pub mod envoy {
     }
 }
 
+#[allow(clippy::all, clippy::pedantic, unreachable_pub, missing_docs)]
+pub mod mesh {
+    pub mod config {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/mesh.config.v1.rs"));
+        }
+    }
+}
+
 /// xDS type URLs of the resources the mesh exchanges.
 pub mod type_url {
     pub const ADDRESS: &str = "type.googleapis.com/istio.workload.Address";
     pub const AUTHORIZATION: &str = "type.googleapis.com/istio.security.Authorization";
+    /// Kubernetes objects sent verbatim to waypoints (`proto/meshconfig.proto`).
+    pub const KUBE_OBJECT: &str = "type.googleapis.com/mesh.config.v1.KubeObject";
 }

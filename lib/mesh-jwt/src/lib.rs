@@ -1,0 +1,1 @@
+//! JWT validation for Istio's RequestAuthentication, as the waypoint applies it.

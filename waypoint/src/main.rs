@@ -1,0 +1,3 @@
+//! `waypoint` binary: parses the Config and runs the proxy until SIGTERM, then drains.
+
+fn main() {}
