@@ -29,6 +29,7 @@ use crate::{
     authn::{Authenticator, StaticTokens, TokenReviewAuthenticator},
     ca::CaServer,
     config::{Config, SourceConfig},
+    deploy::{self, Deployer},
     index::Index,
     k8s,
     source::{ManifestDir, Source},
@@ -96,12 +97,13 @@ fn publish(idx: &Index, settings: &Settings, out: &watch::Sender<Arc<Snapshot>>)
     for n in &r.notes {
         info!(note = %n, "policy translation");
     }
-    let snap = Snapshot::from_resources(&r);
+    let snap = Snapshot::from_resources(&r).with_kube_objects(idx.kube_objects.values());
     if **out.borrow() != snap {
         info!(
             workloads = r.workloads.len(),
             services = r.services.len(),
             authorizations = r.authorizations.len(),
+            kube_objects = idx.kube_objects.len(),
             "pushing a new configuration"
         );
         out.send_replace(Arc::new(snap));
@@ -139,6 +141,19 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
             }
             .start(index_tx, watcher.clone())
             .await?;
+            if cfg.waypoints.deploy {
+                Deployer {
+                    client: client.clone(),
+                    settings: deploy::Settings {
+                        waypoint: cfg.waypoints.clone(),
+                        trust_domain: cfg.trust_domain.clone(),
+                        cluster_id: cfg.cluster_id.clone(),
+                        domain_suffix: cfg.domain_suffix.clone(),
+                        root_pem: root_pem.clone(),
+                    },
+                }
+                .spawn(index_rx.clone(), watcher.clone());
+            }
             Arc::new(TokenReviewAuthenticator::new(
                 client,
                 index_rx.clone(),

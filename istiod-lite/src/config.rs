@@ -86,8 +86,50 @@ pub struct Args {
     #[arg(long, env = "MANIFESTS_POLL", value_parser = parse_duration, default_value = "1s")]
     pub manifests_poll: Duration,
 
+    /// Deploy a waypoint (ServiceAccount, Deployment, Service) for every Gateway of class
+    /// `istio-waypoint`, and write the Gateway's status (Kubernetes source only).
+    #[arg(long, env = "DEPLOY_WAYPOINTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub deploy_waypoints: bool,
+
+    /// The container image of deployed waypoints.
+    #[arg(long, env = "WAYPOINT_IMAGE", default_value = "mesh/waypoint:latest")]
+    pub waypoint_image: String,
+
+    /// `imagePullPolicy` of deployed waypoints: Always, IfNotPresent or Never.
+    #[arg(
+        long,
+        env = "WAYPOINT_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
+    pub waypoint_image_pull_policy: String,
+
+    /// Arguments of the waypoint container, comma-separated (empty: the image's default).
+    #[arg(long, env = "WAYPOINT_ARGS", value_delimiter = ',')]
+    pub waypoint_args: Vec<String>,
+
+    /// Where deployed waypoints reach this control plane (xDS and CA), as their
+    /// `XDS_ADDRESS`/`CA_ADDRESS`.
+    #[arg(
+        long,
+        env = "WAYPOINT_XDS_ADDRESS",
+        default_value = "https://istiod.istio-system.svc:15012"
+    )]
+    pub waypoint_xds_address: String,
+
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
+}
+
+/// What istiod-lite deploys for a waypoint Gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointConfig {
+    /// Off: Gateways are only read (binding), nothing is deployed and no status is written.
+    pub deploy: bool,
+    pub image: String,
+    pub image_pull_policy: String,
+    pub args: Vec<String>,
+    pub xds_address: String,
 }
 
 /// Where objects come from (exactly one).
@@ -124,6 +166,7 @@ pub struct Config {
     pub cluster_id: String,
     #[serde(serialize_with = "secs")]
     pub max_cert_ttl: Duration,
+    pub waypoints: WaypointConfig,
     pub log_level: String,
 }
 
@@ -153,6 +196,11 @@ impl Args {
             cluster_id,
             max_cert_ttl,
             manifests_poll,
+            deploy_waypoints,
+            waypoint_image,
+            waypoint_image_pull_policy,
+            waypoint_args,
+            waypoint_xds_address,
             log_level,
         } = self;
         let mut errs = Vec::new();
@@ -208,9 +256,24 @@ impl Args {
         if manifests_poll.is_zero() {
             errs.push("MANIFESTS_POLL must be positive".to_owned());
         }
+        if waypoint_image.trim().is_empty() {
+            errs.push("WAYPOINT_IMAGE is empty: deployed waypoints need an image".to_owned());
+        }
+        if !["Always", "IfNotPresent", "Never"].contains(&waypoint_image_pull_policy.as_str()) {
+            errs.push(format!(
+                "WAYPOINT_IMAGE_PULL_POLICY {waypoint_image_pull_policy:?} must be Always, IfNotPresent or Never"
+            ));
+        }
+        if !waypoint_xds_address.starts_with("https://") {
+            errs.push(format!(
+                "WAYPOINT_XDS_ADDRESS {waypoint_xds_address:?} must be an https:// URL (xDS and the CA are served over TLS)"
+            ));
+        }
         if !errs.is_empty() {
             return Err(ConfigError(errs));
         }
+        // The manifest source has no API server to deploy to.
+        let deploy = deploy_waypoints && manifests.is_none();
         let source = match manifests {
             Some(dir) => SourceConfig::Manifests {
                 dir,
@@ -233,6 +296,16 @@ impl Args {
             root_namespace,
             cluster_id,
             max_cert_ttl,
+            waypoints: WaypointConfig {
+                deploy,
+                image: waypoint_image,
+                image_pull_policy: waypoint_image_pull_policy,
+                args: waypoint_args
+                    .into_iter()
+                    .filter(|a| !a.is_empty())
+                    .collect(),
+                xds_address: waypoint_xds_address,
+            },
             log_level,
         })
     }

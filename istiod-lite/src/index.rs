@@ -5,6 +5,9 @@
 //! (namespaces by name). An object a source could not read never reaches the index; the
 //! source reports it in [`Index::rejected`] with the file and field, and everything else
 //! is still applied.
+//!
+//! Objects the waypoint evaluates itself (routes, Istio policies, DestinationRules) are also
+//! kept verbatim as [`KubeObject`]s, keyed `<kind>/<namespace>/<name>`, to be sent as they are.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +15,75 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use mesh_policy::model::{AuthorizationPolicy, PeerAuthentication};
 
 use crate::waypoint::Gateway;
+
+/// The kinds sent verbatim to waypoints (`mesh.config.v1.KubeObject`).
+pub const KUBE_KINDS: [&str; 5] = [
+    "HTTPRoute",
+    "GRPCRoute",
+    "AuthorizationPolicy",
+    "RequestAuthentication",
+    "DestinationRule",
+];
+
+/// A Kubernetes object as the user wrote it: its JSON without `status` and without
+/// `metadata.managedFields`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeObject {
+    pub api_version: String,
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub json: String,
+}
+
+impl KubeObject {
+    /// From an object's JSON; `at` names it in errors. The kind must be one of [`KUBE_KINDS`].
+    pub fn from_value(at: &str, mut v: serde_json::Value) -> Result<KubeObject, String> {
+        let text =
+            |v: &serde_json::Value, f: &str| v.get(f).and_then(|x| x.as_str()).map(str::to_owned);
+        let kind = text(&v, "kind").ok_or_else(|| format!("{at}: no kind"))?;
+        let kind = KUBE_KINDS
+            .into_iter()
+            .find(|k| *k == kind)
+            .ok_or_else(|| format!("{at}: {kind} is not sent to waypoints"))?;
+        let api_version = text(&v, "apiVersion").ok_or_else(|| format!("{at}: no apiVersion"))?;
+        let Some(obj) = v.as_object_mut() else {
+            return Err(format!("{at}: not an object"));
+        };
+        obj.remove("status");
+        let meta = obj
+            .get_mut("metadata")
+            .and_then(|m| m.as_object_mut())
+            .ok_or_else(|| format!("{at}: no metadata"))?;
+        meta.remove("managedFields");
+        let name = meta
+            .get("name")
+            .and_then(|n| n.as_str())
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| format!("{at}: metadata.name: missing"))?
+            .to_owned();
+        let namespace = match meta.get("namespace").and_then(|n| n.as_str()) {
+            Some(ns) if !ns.is_empty() => ns.to_owned(),
+            _ => {
+                meta.insert("namespace".into(), "default".into());
+                "default".to_owned()
+            }
+        };
+        let json = serde_json::to_string(&v).map_err(|e| format!("{at}: {e}"))?;
+        Ok(KubeObject {
+            api_version,
+            kind,
+            namespace,
+            name,
+            json,
+        })
+    }
+
+    /// `<kind>/<namespace>/<name>`, the xDS resource name.
+    pub fn resource_name(&self) -> String {
+        format!("{}/{}/{}", self.kind, self.namespace, self.name)
+    }
+}
 
 /// One object of a kind the control plane understands.
 #[derive(Debug, Clone)]
@@ -22,6 +94,8 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
     Gateway(Gateway),
+    /// Kept verbatim for waypoints (an AuthorizationPolicy is both this and parsed).
+    Kube(KubeObject),
 }
 
 impl Object {
@@ -33,6 +107,7 @@ impl Object {
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Object::PeerAuthentication(_) => "PeerAuthentication",
             Object::Gateway(_) => "Gateway",
+            Object::Kube(o) => o.kind,
         }
     }
 
@@ -45,6 +120,7 @@ impl Object {
             Object::AuthorizationPolicy(p) => p.key(),
             Object::PeerAuthentication(p) => p.key(),
             Object::Gateway(g) => key(Some(g.namespace()), Some(g.name())),
+            Object::Kube(o) => key(Some(&o.namespace), Some(&o.name)),
         }
     }
 }
@@ -66,6 +142,8 @@ pub struct Index {
     pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
     pub peer_authentications: BTreeMap<String, PeerAuthentication>,
     pub gateways: BTreeMap<String, Gateway>,
+    /// `<kind>/<namespace>/<name>` → the object as written, for waypoints.
+    pub kube_objects: BTreeMap<String, KubeObject>,
     /// Objects a source refused, one line each (`file: kind ns/name: what is wrong`).
     pub rejected: Vec<String>,
 }
@@ -95,11 +173,15 @@ impl Index {
                 self.gateways
                     .insert(key(Some(g.namespace()), Some(g.name())), g);
             }
+            Object::Kube(o) => {
+                self.kube_objects.insert(o.resource_name(), o);
+            }
         }
     }
 
     /// Removes the object of `kind` at `key` (a namespace's key is its name).
     pub fn delete(&mut self, kind: &str, key: &str) {
+        self.kube_objects.remove(&format!("{kind}/{key}"));
         match kind {
             "Namespace" => {
                 self.namespaces.remove(key);
@@ -125,6 +207,7 @@ impl Index {
 
     /// Replaces every object of `kind` with `objects` (a complete listing of that kind).
     pub fn reset_kind(&mut self, kind: &str, objects: Vec<Object>) {
+        self.kube_objects.retain(|_, o| o.kind != kind);
         match kind {
             "Namespace" => self.namespaces.clear(),
             "Pod" => self.pods.clear(),

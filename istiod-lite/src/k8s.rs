@@ -7,7 +7,10 @@
 //!  Service ───┼─► State (index, per-kind relist buffers, rejections) ─► publisher ─► watch<Arc<Index>>
 //!  AuthorizationPolicy (security.istio.io v1, else v1beta1) ──┤     (coalesces bursts)
 //!  PeerAuthentication  (security.istio.io v1, else v1beta1) ──┤
-//!  Gateway (gateway.networking.k8s.io v1, else v1beta1) ──────┘  (waypoints)
+//!  Gateway (gateway.networking.k8s.io v1, else v1beta1) ──────┤  (waypoints)
+//!  HTTPRoute, GRPCRoute (gateway.networking.k8s.io) ──────────┤  (verbatim, for waypoints)
+//!  RequestAuthentication (security.istio.io) ─────────────────┤
+//!  DestinationRule (networking.istio.io) ─────────────────────┘
 //! ```
 //!
 //! - Every watcher applies `Apply`/`Delete` events to the index; a (re)list (`Init`,
@@ -19,6 +22,8 @@
 //!   in [`Index::rejected`], and skipped (a previous version of it is dropped, as when a
 //!   manifest file turns invalid); the others are unaffected.
 //! - Gateways are read into [`crate::waypoint::Gateway`] (only the fields waypoints need).
+//! - HTTPRoute, GRPCRoute, RequestAuthentication, DestinationRule and (besides its parsed
+//!   form) AuthorizationPolicy are kept verbatim as [`index::KubeObject`]s for waypoints.
 //! - For these CRD kinds the version watched is the first of `v1`, `v1beta1` that the server
 //!   serves for the resource (objects written in either version are read through it). If the
 //!   CRD is not installed, the kind counts as listed-and-empty and discovery is retried every
@@ -56,17 +61,26 @@ use crate::{
 pub const SECURITY_GROUP: &str = "security.istio.io";
 /// The API group of Gateway API.
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// The API group of Istio's networking CRDs.
+pub const NETWORKING_GROUP: &str = "networking.istio.io";
 /// Versions watched for a CRD kind, in order of preference.
 pub const CRD_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
-const KINDS: [&str; 6] = [
+const KINDS: [&str; 10] = [
     "Namespace",
     "Pod",
     "Service",
     "AuthorizationPolicy",
     "PeerAuthentication",
     "Gateway",
+    "HTTPRoute",
+    "GRPCRoute",
+    "RequestAuthentication",
+    "DestinationRule",
 ];
+
+/// What a converted object becomes in the index (one or more entries), or why it was refused.
+type Converted = Result<Vec<Object>, String>;
 
 /// A kind served by a CRD, found through discovery.
 #[derive(Debug, Clone, Copy)]
@@ -76,10 +90,12 @@ struct CrdKind {
     plural: &'static str,
     /// What to install when the CRD is missing.
     install: &'static str,
-    convert: fn(&ApiResource, DynamicObject) -> Result<Object, String>,
+    convert: fn(&ApiResource, DynamicObject) -> Converted,
 }
 
-const CRD_KINDS: [CrdKind; 3] = [
+const GATEWAY_API_CRDS: &str = "manifests/crds/gateway.networking.k8s.io.yaml";
+
+const CRD_KINDS: [CrdKind; 7] = [
     CrdKind {
         group: SECURITY_GROUP,
         kind: "AuthorizationPolicy",
@@ -98,8 +114,36 @@ const CRD_KINDS: [CrdKind; 3] = [
         group: GATEWAY_GROUP,
         kind: "Gateway",
         plural: "gateways",
-        install: "the Gateway API CRDs",
+        install: GATEWAY_API_CRDS,
         convert: gateway_object,
+    },
+    CrdKind {
+        group: GATEWAY_GROUP,
+        kind: "HTTPRoute",
+        plural: "httproutes",
+        install: GATEWAY_API_CRDS,
+        convert: kube_object,
+    },
+    CrdKind {
+        group: GATEWAY_GROUP,
+        kind: "GRPCRoute",
+        plural: "grpcroutes",
+        install: GATEWAY_API_CRDS,
+        convert: kube_object,
+    },
+    CrdKind {
+        group: SECURITY_GROUP,
+        kind: "RequestAuthentication",
+        plural: "requestauthentications",
+        install: "manifests/crds/security.istio.io.yaml",
+        convert: kube_object,
+    },
+    CrdKind {
+        group: NETWORKING_GROUP,
+        kind: "DestinationRule",
+        plural: "destinationrules",
+        install: "manifests/crds/networking.istio.io.yaml",
+        convert: kube_object,
     },
 ];
 
@@ -180,11 +224,11 @@ impl Shared {
         self.lock().relisting.insert(kind, Relist::default());
     }
 
-    fn init_apply(&self, kind: &'static str, key: String, obj: Result<Object, String>) {
+    fn init_apply(&self, kind: &'static str, key: String, obj: Converted) {
         let mut st = self.lock();
         let relist = st.relisting.entry(kind).or_default();
         match obj {
-            Ok(o) => relist.objects.push(o),
+            Ok(o) => relist.objects.extend(o),
             Err(reason) => {
                 warn!(kind, object = %key, %reason, "object refused; the others are applied");
                 relist.rejected.insert(rejected_key(kind, &key), reason);
@@ -209,12 +253,15 @@ impl Shared {
         self.dirty.notify_one();
     }
 
-    fn apply(&self, kind: &'static str, key: String, obj: Result<Object, String>) {
+    fn apply(&self, kind: &'static str, key: String, obj: Converted) {
         let mut st = self.lock();
         match obj {
-            Ok(o) => {
+            Ok(objects) => {
                 st.rejected.remove(&rejected_key(kind, &key));
-                st.index.apply(o);
+                st.index.delete(kind, &key);
+                for o in objects {
+                    st.index.apply(o);
+                }
             }
             Err(reason) => {
                 warn!(kind, object = %key, %reason, "object refused; the others are applied");
@@ -273,7 +320,7 @@ async fn run_watch<K, F>(
     drain: DrainWatcher,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    F: Fn(K) -> Result<Object, String> + Send,
+    F: Fn(K) -> Converted + Send,
 {
     let stream = watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
@@ -310,7 +357,7 @@ async fn run_watch<K, F>(
 }
 
 /// The first of [`CRD_VERSIONS`] in which the server serves `group`/`plural`, if any.
-async fn served_version(
+pub(crate) async fn served_version(
     client: &Client,
     group: &str,
     plural: &str,
@@ -336,7 +383,7 @@ async fn served_version(
 
 /// An Istio security object as the index holds it, validated by `mesh-policy` exactly as a
 /// manifest file would be.
-pub fn policy_object(ar: &ApiResource, mut o: DynamicObject) -> Result<Object, String> {
+pub fn policy_object(ar: &ApiResource, mut o: DynamicObject) -> Converted {
     // List items may omit apiVersion/kind; the parser needs them.
     o.types = Some(TypeMeta {
         api_version: ar.api_version.clone(),
@@ -348,12 +395,14 @@ pub fn policy_object(ar: &ApiResource, mut o: DynamicObject) -> Result<Object, S
         ar.kind,
         index::key(o.metadata.namespace.as_deref(), o.metadata.name.as_deref())
     );
-    let text = serde_json::to_string(&o).map_err(|e| e.to_string())?;
+    let value = serde_json::to_value(&o).map_err(|e| e.to_string())?;
+    let text = value.to_string();
     let set = mesh_policy::parse_objects(&at, &text).map_err(|e| e.to_string())?;
     if let Some(p) = set.authorization_policies.into_iter().next() {
-        Ok(Object::AuthorizationPolicy(p))
+        let raw = index::KubeObject::from_value(&at, value)?;
+        Ok(vec![Object::AuthorizationPolicy(p), Object::Kube(raw)])
     } else if let Some(p) = set.peer_authentications.into_iter().next() {
-        Ok(Object::PeerAuthentication(p))
+        Ok(vec![Object::PeerAuthentication(p)])
     } else {
         Err(format!(
             "{at}: not a {SECURITY_GROUP} AuthorizationPolicy or PeerAuthentication"
@@ -362,7 +411,7 @@ pub fn policy_object(ar: &ApiResource, mut o: DynamicObject) -> Result<Object, S
 }
 
 /// A Gateway API `Gateway`, the fields waypoints need.
-pub fn gateway_object(ar: &ApiResource, mut o: DynamicObject) -> Result<Object, String> {
+pub fn gateway_object(ar: &ApiResource, mut o: DynamicObject) -> Converted {
     o.metadata.managed_fields = None;
     let at = format!(
         "{} {}",
@@ -371,8 +420,23 @@ pub fn gateway_object(ar: &ApiResource, mut o: DynamicObject) -> Result<Object, 
     );
     let v = serde_json::to_value(&o).map_err(|e| format!("{at}: {e}"))?;
     serde_json::from_value(v)
-        .map(Object::Gateway)
+        .map(|g| vec![Object::Gateway(g)])
         .map_err(|e| format!("{at}: {e}"))
+}
+
+/// An object kept verbatim for waypoints (no validation here: the waypoint validates).
+pub fn kube_object(ar: &ApiResource, mut o: DynamicObject) -> Converted {
+    o.types = Some(TypeMeta {
+        api_version: ar.api_version.clone(),
+        kind: ar.kind.clone(),
+    });
+    let at = format!(
+        "{} {}",
+        ar.kind,
+        index::key(o.metadata.namespace.as_deref(), o.metadata.name.as_deref())
+    );
+    let v = serde_json::to_value(&o).map_err(|e| format!("{at}: {e}"))?;
+    Ok(vec![Object::Kube(index::KubeObject::from_value(&at, v)?)])
 }
 
 /// Discovers the served version of a CRD kind, then watches it. While the CRD is not
@@ -493,7 +557,7 @@ impl Source for Kubernetes {
                 shared.clone(),
                 "Namespace",
                 Api::<Namespace>::all(c.clone()),
-                |o| Ok(Object::Namespace(strip(o))),
+                |o| Ok(vec![Object::Namespace(strip(o))]),
                 drain.clone(),
             )
             .instrument(span("Namespace")),
@@ -503,7 +567,7 @@ impl Source for Kubernetes {
                 shared.clone(),
                 "Pod",
                 Api::<Pod>::all(c.clone()),
-                |o| Ok(Object::Pod(strip(o))),
+                |o| Ok(vec![Object::Pod(strip(o))]),
                 drain.clone(),
             )
             .instrument(span("Pod")),
@@ -513,7 +577,7 @@ impl Source for Kubernetes {
                 shared.clone(),
                 "Service",
                 Api::<Service>::all(c.clone()),
-                |o| Ok(Object::Service(strip(o))),
+                |o| Ok(vec![Object::Service(strip(o))]),
                 drain.clone(),
             )
             .instrument(span("Service")),
@@ -572,9 +636,18 @@ mod tests {
             "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["bar"]}}]}]},
             "status": {"observedGeneration": 1}
         }));
-        match policy_object(&ap_resource(), ok).unwrap() {
-            Object::AuthorizationPolicy(p) => assert_eq!(p.key(), "foo/deny-bar"),
-            o => panic!("{}", o.kind()),
+        let objs = policy_object(&ap_resource(), ok).unwrap();
+        match &objs[..] {
+            [Object::AuthorizationPolicy(p), Object::Kube(raw)] => {
+                assert_eq!(p.key(), "foo/deny-bar");
+                assert_eq!(raw.resource_name(), "AuthorizationPolicy/foo/deny-bar");
+                let v: serde_json::Value = serde_json::from_str(&raw.json).unwrap();
+                assert!(v.get("status").is_none(), "{v}");
+                assert!(v["metadata"].get("managedFields").is_none(), "{v}");
+                assert_eq!(v["apiVersion"], "security.istio.io/v1");
+                assert_eq!(v["spec"]["action"], "DENY");
+            }
+            o => panic!("{o:?}"),
         }
         let bad = dynamic(serde_json::json!({
             "metadata": {"name": "typo", "namespace": "foo"},
@@ -601,7 +674,7 @@ mod tests {
                      "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
             "status": {"addresses": [{"type": "IPAddress", "value": "10.96.0.9"}]}
         }));
-        match gateway_object(&ar, o).unwrap() {
+        match gateway_object(&ar, o).unwrap().remove(0) {
             Object::Gateway(g) => {
                 assert_eq!((g.namespace(), g.name()), ("foo", "waypoint"));
                 assert_eq!(g.spec.gateway_class_name, "istio-waypoint");
@@ -635,7 +708,7 @@ mod tests {
             })
         };
         shared.init("Namespace");
-        shared.init_apply("Namespace", "a".into(), Ok(ns("a")));
+        shared.init_apply("Namespace", "a".into(), Ok(vec![ns("a")]));
         shared.init_apply("Namespace", "bad".into(), Err("broken".into()));
         assert!(
             shared.snapshot().is_none(),
@@ -647,7 +720,7 @@ mod tests {
         assert_eq!(idx.rejected, ["Namespace bad: broken"]);
         // A relist after a watch gap: `a` vanished meanwhile, `bad` was fixed.
         shared.init("Namespace");
-        shared.init_apply("Namespace", "bad".into(), Ok(ns("bad")));
+        shared.init_apply("Namespace", "bad".into(), Ok(vec![ns("bad")]));
         assert_eq!(
             shared.snapshot().unwrap().namespaces.len(),
             1,

@@ -14,6 +14,7 @@ pub mod app;
 pub mod authn;
 pub mod ca;
 pub mod config;
+pub mod deploy;
 pub mod index;
 pub mod k8s;
 pub mod source;

@@ -10,7 +10,8 @@
 //! Bad input never stops the rest: a document that is not YAML, not a Kubernetes object, or
 //! an object that does not parse as its kind is reported (file, document, kind, name and the
 //! field) in [`Index::rejected`] and skipped; kinds the control plane does not use are
-//! ignored silently.
+//! ignored silently. HTTPRoute, GRPCRoute, RequestAuthentication, DestinationRule and
+//! AuthorizationPolicy are also kept verbatim for waypoints ([`crate::index::KubeObject`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -107,15 +108,26 @@ pub fn parse_manifests(file: &str, text: &str) -> (Vec<Object>, Vec<String>) {
             }
         };
         match parse_object(&at, value) {
-            Ok(Some(o)) => objects.push(o),
-            Ok(None) => {}
+            Ok(o) => objects.extend(o),
             Err(e) => rejected.push(e),
         }
     }
     (objects, rejected)
 }
 
-fn parse_object(at: &str, value: serde_yaml::Value) -> Result<Option<Object>, String> {
+fn api_group_is(value: &serde_yaml::Value, group: &str) -> bool {
+    value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .is_some_and(|v| v.strip_prefix(group).is_some_and(|r| r.starts_with('/')))
+}
+
+fn verbatim(what: &str, value: &serde_yaml::Value) -> Result<Object, String> {
+    let json = serde_json::to_value(value).map_err(|e| format!("{what}: {e}"))?;
+    crate::index::KubeObject::from_value(what, json).map(Object::Kube)
+}
+
+fn parse_object(at: &str, value: serde_yaml::Value) -> Result<Vec<Object>, String> {
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
@@ -129,31 +141,41 @@ fn parse_object(at: &str, value: serde_yaml::Value) -> Result<Option<Object>, St
         .to_owned();
     let what = format!("{at}: {kind} {name:?}");
     let typed = |e: serde_yaml::Error| format!("{what}: {e}");
-    Ok(Some(match kind.as_str() {
-        "Namespace" => Object::Namespace(serde_yaml::from_value(value).map_err(typed)?),
-        "Pod" => Object::Pod(serde_yaml::from_value(value).map_err(typed)?),
-        "Service" => Object::Service(serde_yaml::from_value(value).map_err(typed)?),
+    Ok(match kind.as_str() {
+        "Namespace" => vec![Object::Namespace(
+            serde_yaml::from_value(value).map_err(typed)?,
+        )],
+        "Pod" => vec![Object::Pod(serde_yaml::from_value(value).map_err(typed)?)],
+        "Service" => vec![Object::Service(
+            serde_yaml::from_value(value).map_err(typed)?,
+        )],
         "AuthorizationPolicy" | "PeerAuthentication" => {
             let text = serde_yaml::to_string(&value).map_err(typed)?;
             let set = mesh_policy::parse_objects(at, &text).map_err(|e| e.to_string())?;
             if let Some(p) = set.authorization_policies.into_iter().next() {
-                Object::AuthorizationPolicy(p)
+                vec![Object::AuthorizationPolicy(p), verbatim(&what, &value)?]
             } else if let Some(p) = set.peer_authentications.into_iter().next() {
-                Object::PeerAuthentication(p)
+                vec![Object::PeerAuthentication(p)]
             } else {
                 return Err(format!("{what}: not a security.istio.io object"));
             }
         }
-        "Gateway"
-            if value
-                .get("apiVersion")
-                .and_then(|v| v.as_str())
-                .is_some_and(|v| v.starts_with("gateway.networking.k8s.io/")) =>
-        {
-            Object::Gateway(serde_yaml::from_value(value).map_err(typed)?)
+        "Gateway" if api_group_is(&value, crate::k8s::GATEWAY_GROUP) => {
+            vec![Object::Gateway(
+                serde_yaml::from_value(value).map_err(typed)?,
+            )]
         }
-        _ => return Ok(None),
-    }))
+        "HTTPRoute" | "GRPCRoute" if api_group_is(&value, crate::k8s::GATEWAY_GROUP) => {
+            vec![verbatim(&what, &value)?]
+        }
+        "RequestAuthentication" if api_group_is(&value, crate::k8s::SECURITY_GROUP) => {
+            vec![verbatim(&what, &value)?]
+        }
+        "DestinationRule" if api_group_is(&value, crate::k8s::NETWORKING_GROUP) => {
+            vec![verbatim(&what, &value)?]
+        }
+        _ => vec![],
+    })
 }
 
 /// Newest modification time of the directory and its manifests (a cheap change check).
@@ -231,10 +253,28 @@ apiVersion: v1
 kind: Service
 metadata: {name: echo, namespace: foo}
 spec: {selector: {app: echo}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: foo}
+spec: {parentRefs: [{kind: Service, group: "", name: echo}]}
+status: {parents: []}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo}
+spec: {host: echo}
+---
+apiVersion: example.com/v1
+kind: HTTPRoute
+metadata: {name: not-gateway-api}
 "#;
         let (objs, rejected) = parse_manifests("m.yaml", text);
         let kinds: Vec<_> = objs.iter().map(Object::kind).collect();
-        assert_eq!(kinds, ["Namespace", "Service"]);
+        assert_eq!(
+            kinds,
+            ["Namespace", "Service", "HTTPRoute", "DestinationRule"]
+        );
         assert_eq!(rejected.len(), 2, "{rejected:?}");
         assert!(
             rejected[0].contains("m.yaml (document 2): Pod \"broken\""),
@@ -242,5 +282,12 @@ spec: {selector: {app: echo}, ports: [{port: 80, targetPort: 8080}]}
             rejected[0]
         );
         assert!(rejected[1].contains("principal"), "{}", rejected[1]);
+        let Object::Kube(route) = &objs[2] else {
+            panic!()
+        };
+        assert_eq!(route.resource_name(), "HTTPRoute/foo/echo");
+        assert!(!route.json.contains("status"), "{}", route.json);
+        let Object::Kube(dr) = &objs[3] else { panic!() };
+        assert_eq!(dr.resource_name(), "DestinationRule/default/echo");
     }
 }

@@ -51,6 +51,18 @@ pub struct GatewaySpec {
     pub gateway_class_name: String,
     #[serde(default)]
     pub listeners: Vec<Listener>,
+    /// Labels and annotations copied onto the objects deployed for the Gateway.
+    #[serde(default)]
+    pub infrastructure: Option<Infrastructure>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Infrastructure {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -95,9 +107,29 @@ pub struct LabelSelector {
 pub struct GatewayStatus {
     #[serde(default)]
     pub addresses: Vec<GatewayStatusAddress>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// A `metav1.Condition` as read back from the status.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub last_transition_time: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayStatusAddress {
     /// `Hostname` or `IPAddress` (default).
@@ -115,7 +147,7 @@ impl Gateway {
         self.metadata.name.as_deref().unwrap_or_default()
     }
 
-    fn label(&self, k: &str) -> Option<&str> {
+    pub fn label(&self, k: &str) -> Option<&str> {
         self.metadata
             .labels
             .as_ref()

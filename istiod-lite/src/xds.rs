@@ -1,4 +1,8 @@
-//! The delta ADS server for `istio.workload.Address` and `istio.security.Authorization`.
+//! The delta ADS server for `istio.workload.Address` and `istio.security.Authorization`
+//! (ztunnels), and `mesh.config.v1.KubeObject` (waypoints: HTTPRoute, GRPCRoute,
+//! AuthorizationPolicy, RequestAuthentication and DestinationRule as written, named
+//! `<kind>/<namespace>/<name>`; every subscriber gets all of them, there is no per-waypoint
+//! filtering yet).
 //!
 //! Every translation is published as an immutable [`Snapshot`] (type → name → encoded
 //! resource and its version, a hash of the bytes). Each stream keeps what its client holds
@@ -35,7 +39,14 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::{authn::Authenticator, translate::Resources};
+use crate::{authn::Authenticator, index::KubeObject, translate::Resources};
+
+/// The types this server serves.
+pub const SERVED_TYPES: [&str; 3] = [
+    type_url::ADDRESS,
+    type_url::AUTHORIZATION,
+    type_url::KUBE_OBJECT,
+];
 
 /// One encoded resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +90,28 @@ impl Snapshot {
             (type_url::ADDRESS.to_owned(), addrs),
             (type_url::AUTHORIZATION.to_owned(), authz),
         ]))
+    }
+
+    /// Adds the objects sent verbatim to waypoints.
+    pub fn with_kube_objects<'a>(
+        mut self,
+        objects: impl IntoIterator<Item = &'a KubeObject>,
+    ) -> Snapshot {
+        let m = objects
+            .into_iter()
+            .map(|o| {
+                let msg = mesh_proto::mesh::config::v1::KubeObject {
+                    api_version: o.api_version.clone(),
+                    kind: o.kind.to_owned(),
+                    namespace: o.namespace.clone(),
+                    name: o.name.clone(),
+                    json: o.json.as_bytes().to_vec(),
+                };
+                (o.resource_name(), encoded(&msg))
+            })
+            .collect();
+        self.0.insert(type_url::KUBE_OBJECT.to_owned(), m);
+        self
     }
 }
 
@@ -209,7 +242,7 @@ impl AggregatedDiscoveryService for XdsServer {
                             }
                             continue;
                         }
-                        if r.type_url != type_url::ADDRESS && r.type_url != type_url::AUTHORIZATION {
+                        if !SERVED_TYPES.contains(&r.type_url.as_str()) {
                             warn!(node = %node, type_url = %r.type_url, "subscription to a type istiod-lite does not serve");
                             continue;
                         }
