@@ -1,3 +1,47 @@
 //! `waypoint` binary: parses the Config and runs the proxy until SIGTERM, then drains.
 
-fn main() {}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cfg = match waypoint::config::Args::parse().validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(64);
+        }
+    };
+    let log = match mesh_rt::logging::init(&cfg.log_level, cfg.log_json) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(64);
+        }
+    };
+    match serde_json::to_string(&cfg) {
+        Ok(s) => tracing::info!(config = %s, "starting"),
+        Err(e) => tracing::warn!(error = %e, "config not printable"),
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads)
+        .thread_name("waypoint-proxy")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let bound = match waypoint::app::build(cfg, log).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "startup failed");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        bound.wait_termination(mesh_rt::signal::shutdown()).await;
+        std::process::ExitCode::SUCCESS
+    })
+}

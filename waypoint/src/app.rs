@@ -1,0 +1,221 @@
+//! Wiring: bind every port → load the configuration → start servers → ready; then drain.
+//!
+//! `build` returns [`Bound`] with every real address (tests bind port 0). Readiness blockers:
+//! `config` (first file loaded) and `certificates` (the waypoint's own certificate issued).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use mesh_rt::{
+    drain::{self, DrainOutcome, DrainTrigger},
+    logging::LogHandle,
+    readiness::Ready,
+};
+use prometheus_client::registry::Registry;
+use tokio::{net::TcpListener, sync::mpsc};
+use tracing::{error, info, warn};
+use ztunnel::identity::{LocalCaProvider, SecretManager};
+
+use crate::{
+    admin::{self, AdminState},
+    config::{Config, ConfigSource},
+    metrics::Metrics,
+    proxy::Proxy,
+    ratelimit::Limiter,
+    state::{self, Store},
+    upstream::Upstream,
+};
+
+/// The addresses actually bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    pub hbone: SocketAddr,
+    pub admin: SocketAddr,
+    pub stats: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+/// A running waypoint.
+pub struct Bound {
+    pub addresses: Addresses,
+    pub ready: Ready,
+    pub proxy: Arc<Proxy>,
+    drain: DrainTrigger,
+    deadline: Duration,
+    shutdown_rx: mpsc::Receiver<()>,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("addresses", &self.addresses)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await.with_context(|| {
+        format!("binding the {what} port {addr} (in use, or not an address of this host?)")
+    })?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}
+
+/// Binds, loads, starts. Servers run on the current runtime.
+pub async fn build(cfg: Config, log: Option<LogHandle>) -> anyhow::Result<Bound> {
+    let cfg = Arc::new(cfg);
+    let (hbone_l, hbone) = bind(cfg.hbone_addr, "HBONE").await?;
+    let (admin_l, admin_a) = bind(cfg.admin_addr, "admin").await?;
+    let (stats_l, stats) = bind(cfg.stats_addr, "stats").await?;
+    let (ready_l, readiness) = bind(cfg.readiness_addr, "readiness").await?;
+
+    let ready = Ready::new();
+    let config_block = ready.register("config");
+    let cert_block = ready.register("certificates");
+    let (trigger, watcher) = drain::new();
+
+    let ConfigSource::File(path) = cfg.source.clone();
+    let snapshot = state::load(&path).context("loading the waypoint configuration")?;
+    let store = Store::new(snapshot);
+    drop(config_block);
+
+    let mut trust = mesh_tls::TrustPolicy::new(&cfg.trust_domain);
+    trust
+        .trust_domains
+        .extend(cfg.trust_domain_aliases.iter().cloned());
+    let provider = LocalCaProvider::load(&cfg.local_ca_dir, cfg.local_ca_cert_ttl)
+        .context("loading the local CA")?;
+    let secrets = Arc::new(SecretManager::new(Arc::new(provider), trust));
+    secrets.spawn_renewer(Duration::from_secs(10));
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let pool = mesh_hbone::Pool::new(mesh_hbone::client::PoolSettings {
+        connect_timeout: cfg.connect_timeout,
+        ..Default::default()
+    });
+    pool.spawn_reaper(Duration::from_secs(30));
+    let upstream = Arc::new(Upstream::new(
+        pool,
+        secrets.clone(),
+        mesh_hbone::client::default_connector(),
+    ));
+    let proxy = Arc::new(Proxy {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        upstream,
+        metrics,
+        limiter: Limiter::default(),
+    });
+
+    let (shutdown_tx, shutdown_rx) = mpsc::channel(1);
+    let admin_state = Arc::new(AdminState {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        log,
+        shutdown: shutdown_tx,
+    });
+    tokio::spawn(mesh_rt::http::serve(
+        admin_l,
+        admin::admin_handler(admin_state),
+        watcher.clone(),
+    ));
+    tokio::spawn(mesh_rt::http::serve(
+        stats_l,
+        admin::stats_handler(Arc::new(registry)),
+        watcher.clone(),
+    ));
+    tokio::spawn(mesh_rt::http::serve(
+        ready_l,
+        admin::readiness_handler(ready.clone()),
+        watcher.clone(),
+    ));
+    tokio::spawn(crate::listener::serve(
+        hbone_l,
+        proxy.clone(),
+        secrets.clone(),
+        watcher.clone(),
+    ));
+    tokio::spawn(watch_config(store.clone(), path, watcher.clone()));
+    {
+        let secrets = secrets.clone();
+        let id = store.get().waypoint.as_ref().map(|w| w.identity.clone());
+        tokio::spawn(async move {
+            let Some(id) = id else { return };
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match secrets.get(&id).await {
+                    Ok(_) => {
+                        info!(identity = %id, "waypoint certificate ready");
+                        drop(cert_block);
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(identity = %id, error = %e, "certificate fetch failed; retrying")
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        });
+    }
+    drop(watcher);
+    info!(%hbone, admin = %admin_a, %stats, %readiness, "waypoint listening");
+    Ok(Bound {
+        addresses: Addresses {
+            hbone,
+            admin: admin_a,
+            stats,
+            readiness,
+        },
+        ready,
+        proxy,
+        drain: trigger,
+        deadline: cfg.drain_deadline,
+        shutdown_rx,
+    })
+}
+
+/// Reloads the file when it changes; a file that cannot be read keeps the old snapshot.
+async fn watch_config(store: Store, path: std::path::PathBuf, drain: mesh_rt::drain::DrainWatcher) {
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = mtime(&path);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = drain.signaled() => return,
+        }
+        let now = mtime(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match state::load(&path) {
+            Ok(s) => {
+                let rejected = s.errors.len();
+                store.replace(s);
+                info!(path = %path.display(), rejected, "configuration reloaded");
+            }
+            Err(e) => error!(error = %e, "configuration rejected; keeping the previous one"),
+        }
+    }
+}
+
+impl Bound {
+    /// Waits for `signal` or POST /quitquitquit, then drains up to the deadline.
+    pub async fn wait_termination(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> DrainOutcome {
+        tokio::select! {
+            () = signal => {}
+            _ = self.shutdown_rx.recv() => info!("shutdown requested via admin endpoint"),
+        }
+        info!(deadline = ?self.deadline, "draining");
+        let outcome = self.drain.drain(self.deadline).await;
+        if outcome == DrainOutcome::DeadlineExceeded {
+            warn!("drain deadline passed; closing remaining streams");
+        }
+        outcome
+    }
+}

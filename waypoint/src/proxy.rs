@@ -1,0 +1,1090 @@
+//! The request phases, in order, as plain code: authenticate → authorize → route → upstream
+//! → respond → log. Each phase either passes the request on or ends it with a local reply;
+//! whatever happens, exactly one access-log line and one set of metrics are recorded
+//! (when the response body ends, or is dropped).
+//!
+//! ```text
+//! request ─► authenticate ─► authorize ─► route ─► upstream ─► respond ─► (body) ─► log
+//!              401            403          404/429   503/504     header edits
+//!                                          30x redirect, fault abort
+//! ```
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use mesh_core::{Identity, workload::Service};
+use mesh_policy::{
+    rbac::{self, Ctx, HttpView, View},
+    scope::{self, WaypointTarget},
+};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::{
+    config::Config,
+    metrics::{Metrics, Record, RequestLabels},
+    ratelimit::Limiter,
+    route::{self, Backend, BackendService, Entry, RetrySpec, RewriteSpec, RouteKind},
+    state::{Snapshot, Store, Target},
+    upstream::{Body, BoxError, Endpoint, Lb, Upstream},
+};
+
+/// Shared by every request.
+pub struct Proxy {
+    pub cfg: Arc<Config>,
+    pub store: Store,
+    pub upstream: Arc<Upstream>,
+    pub metrics: Arc<Metrics>,
+    pub limiter: Limiter,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").finish_non_exhaustive()
+    }
+}
+
+/// The HBONE stream a request arrived on.
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    pub peer: Option<Identity>,
+    pub src: std::net::SocketAddr,
+    /// The CONNECT authority (service VIP:port or workload IP:port).
+    pub dst: std::net::SocketAddr,
+}
+
+/// A local reply or an upstream response, with what the log should say about it.
+struct Outcome {
+    resp: Response<Body>,
+    flag: &'static str,
+    reason: Option<String>,
+}
+
+pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn full(b: Bytes) -> Body {
+    Full::new(b)
+        .map_err(|e| -> BoxError { match e {} })
+        .boxed_unsync()
+}
+
+fn local(status: StatusCode, body: &'static str, flag: &'static str, reason: String) -> Outcome {
+    Outcome {
+        resp: text(status, body),
+        flag,
+        reason: Some(reason),
+    }
+}
+
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), keeping `te: trailers` for gRPC and the
+/// upgrade pair when the request is an upgrade.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    let te_trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("trailers"));
+    for n in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(listed) {
+        if keep_upgrade && (n == "upgrade" || n == "connection") {
+            continue;
+        }
+        h.remove(n.as_str());
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A W3C `traceparent` for the upstream hop: the caller's trace id with a new span id, or a
+/// new trace when the caller sent none (or an invalid one).
+pub fn child_traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
+    let parsed = incoming.and_then(|v| v.to_str().ok()).and_then(|s| {
+        let parts: Vec<&str> = s.split('-').collect();
+        let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit());
+        (parts.len() >= 4
+            && hex(parts[0], 2)
+            && parts[0] != "ff"
+            && hex(parts[1], 32)
+            && parts[1] != "0".repeat(32)
+            && hex(parts[2], 16)
+            && hex(parts[3], 2))
+        .then(|| (parts[1].to_ascii_lowercase(), parts[3].to_ascii_lowercase()))
+    });
+    match parsed {
+        Some((trace, flags)) => {
+            let span: u64 = rand::random::<u64>().max(1);
+            HeaderValue::try_from(format!("00-{trace}-{span:016x}-{flags}"))
+                .unwrap_or_else(|_| mesh_hbone::header::new_traceparent())
+        }
+        None => mesh_hbone::header::new_traceparent(),
+    }
+}
+
+/// The request's effective authority: `:authority` (HTTP/2) or `Host` (HTTP/1.1).
+fn authority(req: &Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+fn labels(snap: &Snapshot, down: &Downstream, target: Option<&Target>) -> RequestLabels {
+    let src = snap.mesh.workload_by_ip("", down.src.ip());
+    let (svc_host, svc_ns, svc_name) = match target {
+        Some(Target::Service { service, .. }) => (
+            service.hostname.clone(),
+            service.namespace.clone(),
+            service.name.clone(),
+        ),
+        _ => ("unknown".into(), "unknown".into(), "unknown".into()),
+    };
+    let s = |v: Option<String>| {
+        v.filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "unknown".into())
+    };
+    RequestLabels {
+        reporter: "waypoint",
+        source_workload: s(src.as_ref().map(|w| w.workload_name().to_string())),
+        source_workload_namespace: s(src.as_ref().map(|w| w.namespace.clone())),
+        source_principal: s(down.peer.as_ref().map(|p| p.to_string())),
+        source_app: s(src.as_ref().map(|w| w.canonical_service().to_string())),
+        source_version: s(src.as_ref().map(|w| w.canonical_revision().to_string())),
+        source_cluster: s(src.as_ref().map(|w| w.cluster_id.clone())),
+        destination_service: svc_host,
+        destination_service_namespace: svc_ns,
+        destination_service_name: svc_name,
+        destination_workload: "unknown".into(),
+        destination_workload_namespace: "unknown".into(),
+        destination_principal: "unknown".into(),
+        destination_app: "unknown".into(),
+        destination_version: "unknown".into(),
+        destination_cluster: "unknown".into(),
+        request_protocol: "http",
+        response_code: 0,
+        grpc_response_status: String::new(),
+        response_flags: "-",
+        connection_security_policy: "mutual_tls",
+    }
+}
+
+fn set_destination(l: &mut RequestLabels, ep: &Endpoint) {
+    let w = &ep.workload;
+    l.destination_workload = w.workload_name().to_string();
+    l.destination_workload_namespace = w.namespace.clone();
+    l.destination_principal = w
+        .identity()
+        .map(|i| i.to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    l.destination_app = w.canonical_service().to_string();
+    l.destination_version = w.canonical_revision().to_string();
+    if !w.cluster_id.is_empty() {
+        l.destination_cluster = w.cluster_id.clone();
+    }
+}
+
+/// A request body that is either buffered (replayable for retries and mirrors) or streamed.
+enum ReqBody {
+    Buffered(Bytes),
+    Streaming(Option<Body>),
+}
+
+impl ReqBody {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            ReqBody::Buffered(b) => Some(full(b.clone())),
+            ReqBody::Streaming(s) => s.take(),
+        }
+    }
+    fn replayable(&self) -> bool {
+        matches!(self, ReqBody::Buffered(_))
+    }
+}
+
+/// Counts request body bytes as hyper pulls them.
+struct CountIn<B> {
+    inner: B,
+    n: Arc<AtomicU64>,
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for CountIn<B>
+where
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            self.n.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        r.map(|o| o.map(|r| r.map_err(Into::into)))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body: counts bytes, reads `grpc-status` from trailers, and records the
+/// request (log line + metrics) once, at the end of the body or when it is dropped.
+struct Finish {
+    inner: Body,
+    record: Option<Record>,
+    started: Instant,
+    bytes_in: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+}
+
+impl Finish {
+    fn done(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            r.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+            r.request_bytes = self.bytes_in.load(Ordering::Relaxed);
+            r.finish(&self.metrics);
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+impl hyper::body::Body for Finish {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    let n = d.len() as u64;
+                    if let Some(rec) = self.record.as_mut() {
+                        rec.response_bytes += n;
+                    }
+                } else if let Some(t) = f.trailers_ref()
+                    && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                    && let Some(rec) = self.record.as_mut()
+                {
+                    rec.labels.grpc_response_status = s.to_string();
+                }
+            }
+            Poll::Ready(None) => self.done(),
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(rec) = self.record.as_mut() {
+                    rec.labels.response_flags = "UPE";
+                }
+                self.done();
+            }
+            Poll::Pending => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Proxy {
+    /// Serves one request through every phase.
+    pub async fn handle(
+        self: Arc<Self>,
+        down: Arc<Downstream>,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let snap = self.store.get();
+        let target = snap.target(down.dst);
+        let mut rec = Record {
+            labels: labels(&snap, &down, target.as_ref()),
+            src_addr: down.src.to_string(),
+            dst_addr: down.dst.to_string(),
+            upstream: None,
+            authority: authority(&req),
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            route: None,
+            policy: None,
+            reason: None,
+            attempts: 0,
+            duration_ms: 0.0,
+            request_bytes: 0,
+            response_bytes: 0,
+            traceparent: String::new(),
+        };
+        rec.labels.request_protocol = if is_grpc(req.headers()) {
+            "grpc"
+        } else if req.version() == http::Version::HTTP_2 {
+            "http2"
+        } else {
+            "http"
+        };
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let out = match target {
+            None => local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no such destination\n",
+                "NR",
+                format!(
+                    "authority {} is neither a service VIP nor a workload",
+                    down.dst
+                ),
+            ),
+            Some(t) => {
+                self.phases(&snap, &down, &t, req, &mut rec, &bytes_in)
+                    .await
+            }
+        };
+        let Outcome {
+            mut resp,
+            flag,
+            reason,
+        } = out;
+        rec.labels.response_code = resp.status().as_u16();
+        rec.labels.response_flags = flag;
+        rec.reason = reason;
+        if let Some(s) = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+        {
+            rec.labels.grpc_response_status = s.to_string();
+        }
+        let body = std::mem::replace(resp.body_mut(), full(Bytes::new()));
+        let fin = Finish {
+            inner: body,
+            record: Some(rec),
+            started,
+            bytes_in,
+            metrics: self.metrics.clone(),
+        };
+        *resp.body_mut() = fin.boxed_unsync();
+        resp
+    }
+
+    async fn phases(
+        &self,
+        snap: &Snapshot,
+        down: &Downstream,
+        target: &Target,
+        mut req: Request<Incoming>,
+        rec: &mut Record,
+        bytes_in: &Arc<AtomicU64>,
+    ) -> Outcome {
+        let Some(wp) = snap.waypoint.as_ref() else {
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "waypoint not configured\n",
+                "NR",
+                "no waypoint identity".into(),
+            );
+        };
+        let (service, port) = match target {
+            Target::Service { service, port } => (Some(service.clone()), *port),
+            Target::Workload { addr, .. } => (None, addr.port()),
+        };
+        let wt = WaypointTarget {
+            waypoint_name: &wp.name,
+            waypoint_namespace: &wp.namespace,
+            service: service
+                .as_ref()
+                .map(|s| (s.namespace.as_str(), s.name.as_str())),
+        };
+
+        // ── authenticate ─────────────────────────────────────────────────────────────
+        // JWT validation is mesh-jwt's; until it is integrated, a RequestAuthentication
+        // that applies fails closed for requests carrying a bearer token.
+        let ras = scope::waypoint_request_authentications(&snap.policies, &snap.mesh_config, &wt);
+        let has_token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
+        if !ras.is_empty() && has_token {
+            return local(
+                StatusCode::UNAUTHORIZED,
+                "Jwt verification fails\n",
+                "UAEX",
+                format!(
+                    "RequestAuthentication {} applies but JWT validation is not available yet",
+                    ras[0].key()
+                ),
+            );
+        }
+
+        // ── authorize ────────────────────────────────────────────────────────────────
+        let raw_path = req.uri().path();
+        let path = match mesh_policy::path::normalize(raw_path, snap.mesh_config.path_normalization)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                return local(
+                    StatusCode::BAD_REQUEST,
+                    "Bad Request\n",
+                    "DPE",
+                    format!("path {raw_path:?}: {e}"),
+                );
+            }
+        };
+        let mut hv = std::collections::BTreeMap::new();
+        for (k, v) in req.headers() {
+            if let Ok(v) = v.to_str() {
+                hv.entry(k.as_str().to_string())
+                    .and_modify(|e: &mut String| {
+                        e.push(',');
+                        e.push_str(v);
+                    })
+                    .or_insert_with(|| v.to_string());
+            }
+        }
+        let view = View {
+            peer: down.peer.clone(),
+            src_ip: down.src.ip(),
+            dst_ip: down.dst.ip(),
+            dst_port: port,
+            http: Some(HttpView {
+                method: req.method().to_string(),
+                path: path.clone(),
+                host: rec.authority.clone(),
+                headers: hv,
+                jwt: None,
+            }),
+        };
+        let (policies, _) = scope::waypoint_policies(&snap.policies, &snap.mesh_config, &wt);
+        let ctx = Ctx {
+            trust_domains: snap.mesh_config.trust_domain_bundle(),
+        };
+        let decision = rbac::evaluate(&policies, &view, &ctx);
+        rec.policy = decision.policy.clone();
+        if !decision.allowed {
+            rec.policy = decision.policy.clone().or_else(|| {
+                Some(
+                    policies
+                        .iter()
+                        .map(|p| p.key())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+            });
+            return local(
+                StatusCode::FORBIDDEN,
+                "RBAC: access denied",
+                "RBAC",
+                decision.reason,
+            );
+        }
+
+        // ── route ────────────────────────────────────────────────────────────────────
+        let Some(svc) = service else {
+            // Workload-addressed: no routes; straight to the workload.
+            let Target::Workload { workload, addr } = target else {
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no route\n",
+                    "NR",
+                    "unreachable".into(),
+                );
+            };
+            let ep = Endpoint {
+                workload: workload.clone(),
+                addr: *addr,
+            };
+            return self.forward_direct(snap, wp, ep, req, rec, bytes_in).await;
+        };
+        let table = snap.route_table(&svc, port);
+        let entry: Option<Entry> = match &table {
+            None => None,
+            Some(t) => {
+                let head = route::RequestHead {
+                    method: req.method(),
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    headers: req.headers(),
+                };
+                match route::select(t, &head) {
+                    Some(e) => Some(e.clone()),
+                    None => {
+                        return local(
+                            StatusCode::NOT_FOUND,
+                            "route not found\n",
+                            "NR",
+                            format!("no rule of the routes attached to {} matches", svc.hostname),
+                        );
+                    }
+                }
+            }
+        };
+        if let Some(e) = &entry {
+            rec.route = Some(format!("{}#{}", e.route.key(), e.rule));
+            if let Some(rl) = &e.route.rate_limit {
+                let src = down
+                    .peer
+                    .as_ref()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                if !self.limiter.allow(&e.route.key(), &src, rl) {
+                    return local(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "local_rate_limited",
+                        "RL",
+                        format!("local rate limit of route {}", e.route.key()),
+                    );
+                }
+            }
+            let fault = &e.route.fault;
+            if let Some((d, pct)) = fault.delay
+                && rand::random_range(0..100) < pct
+            {
+                tokio::time::sleep(d).await;
+            }
+            if let Some((status, pct)) = fault.abort
+                && rand::random_range(0..100) < pct
+            {
+                return Outcome {
+                    resp: text(status, "fault filter abort"),
+                    flag: "FI",
+                    reason: Some("fault injection".into()),
+                };
+            }
+            if let Some(rd) = &e.rule().redirect {
+                return redirect(&req, rd, e, &rec.authority);
+            }
+        }
+        let default_rule;
+        let rule = match &entry {
+            Some(e) => e.rule(),
+            None => {
+                default_rule = default_rule_for(&svc);
+                &default_rule
+            }
+        };
+        let backend: Backend = match route::pick_backend(&rule.backends, rand::random::<u64>()) {
+            Some(b) => b.clone(),
+            None if rule.backends.is_empty() && entry.is_none() => {
+                default_rule_for(&svc).backends[0].clone()
+            }
+            None => {
+                return local(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "no healthy upstream\n",
+                    "NR",
+                    "every backendRef has weight 0, or the rule has none".into(),
+                );
+            }
+        };
+        let Some(bsvc) = snap
+            .service(&backend.service.namespace, &backend.service.name)
+            .cloned()
+        else {
+            return local(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backend not found\n",
+                "NR",
+                format!(
+                    "backendRef {}/{} is not a known Service",
+                    backend.service.namespace, backend.service.name
+                ),
+            );
+        };
+        let bport = backend.service.port.unwrap_or(port);
+
+        // Build the upstream request head.
+        let upgrade =
+            req.version() != http::Version::HTTP_2 && req.headers().contains_key(header::UPGRADE);
+        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let h2 = req.version() == http::Version::HTTP_2;
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        rule.request_headers.apply(&mut parts.headers);
+        backend.request_headers.apply(&mut parts.headers);
+        let mut host = rec.authority.clone();
+        let mut new_path = parts.uri.path().to_string();
+        if let (Some(RewriteSpec { hostname, path: pr }), Some(e)) = (&rule.rewrite, &entry) {
+            if let Some(h) = hostname {
+                host = h.clone();
+            }
+            if let Some(p) = pr {
+                new_path = route::rewrite_path(&new_path, p, e.matched());
+            }
+        }
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        let tp = child_traceparent(parts.headers.get("traceparent"));
+        rec.traceparent = tp.to_str().unwrap_or_default().to_string();
+        parts.headers.insert("traceparent", tp);
+        if let Ok(h) = HeaderValue::try_from(host.as_str()) {
+            parts.headers.insert(header::HOST, h);
+        }
+        if h2 {
+            parts.headers.remove(header::HOST);
+        }
+        let uri: Uri = match if h2 { format!("http://{host}{pq}") } else { pq }.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return local(
+                    StatusCode::BAD_REQUEST,
+                    "Bad Request\n",
+                    "DPE",
+                    "request target cannot be rebuilt".into(),
+                );
+            }
+        };
+
+        // Buffer small bodies so retries and mirrors can replay them.
+        let counted = CountIn {
+            inner: body,
+            n: bytes_in.clone(),
+        };
+        let limit = self.cfg.retry_buffer_bytes as u64;
+        let small =
+            counted.is_end_stream() || counted.size_hint().upper().is_some_and(|u| u <= limit);
+        let mut body = if small && !upgrade {
+            match Limited::new(counted, limit as usize).collect().await {
+                Ok(c) => ReqBody::Buffered(c.to_bytes()),
+                Err(e) => {
+                    return local(
+                        StatusCode::BAD_REQUEST,
+                        "Bad Request\n",
+                        "DPE",
+                        format!("reading request body: {e}"),
+                    );
+                }
+            }
+        } else {
+            ReqBody::Streaming(Some(counted.boxed_unsync()))
+        };
+
+        // ── upstream ─────────────────────────────────────────────────────────────────
+        for m in &rule.mirrors {
+            if let ReqBody::Buffered(b) = &body
+                && rand::random_range(0..1_000_000) < m.fraction_ppm
+            {
+                self.mirror(
+                    snap,
+                    wp.identity.clone(),
+                    &m.service,
+                    port,
+                    &parts,
+                    &uri,
+                    &host,
+                    b.clone(),
+                    h2,
+                );
+            }
+        }
+        let lb = lb_for(snap, &bsvc);
+        let max = snap
+            .destination_rule(&bsvc)
+            .and_then(|d| d.traffic_policy.as_ref())
+            .and_then(|t| t.connection_pool.as_ref())
+            .and_then(|c| c.http.as_ref())
+            .and_then(|h| h.http2_max_requests);
+        let attempts = async {
+            let mut tried: Vec<String> = Vec::new();
+            let mut last: Option<Outcome> = None;
+            let retry: &RetrySpec = &rule.retry;
+            for attempt in 0..=retry.retries {
+                if attempt > 0 {
+                    if !body.replayable() {
+                        break;
+                    }
+                    let cap = retry.backoff.as_millis() as u64 * (1u64 << (attempt - 1).min(6));
+                    tokio::time::sleep(Duration::from_millis(rand::random_range(0..=cap.max(1))))
+                        .await;
+                }
+                rec.attempts = attempt + 1;
+                let ep = match self.upstream.pick(snap, &bsvc, bport, lb, &tried) {
+                    Ok(ep) => ep,
+                    Err(e) => {
+                        return local(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no healthy upstream",
+                            e.flag(),
+                            e.to_string(),
+                        );
+                    }
+                };
+                tried.push(ep.workload.uid.clone());
+                set_destination(&mut rec.labels, &ep);
+                rec.upstream = Some(ep.addr.to_string());
+                let _in_flight = match self.upstream.begin(&ep, max) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        return local(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                            e.flag(),
+                            e.to_string(),
+                        );
+                    }
+                };
+                let Some(b) = body.take() else { break };
+                let mut r = Request::from_parts(parts.clone(), b);
+                *r.uri_mut() = uri.clone();
+                *r.version_mut() = if h2 {
+                    http::Version::HTTP_2
+                } else {
+                    http::Version::HTTP_11
+                };
+                let sent = self.upstream.send(&ep, &wp.identity, r, h2, upgrade);
+                let res = match rule.backend_timeout {
+                    Some(t) => match tokio::time::timeout(t, sent).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            return local(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "upstream request timeout",
+                                "UT",
+                                format!("backendRequest timeout {t:?}"),
+                            );
+                        }
+                    },
+                    None => sent.await,
+                };
+                match res {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let grpc = resp
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string();
+                        let retry_it = retry.codes.contains(&status)
+                            || (retry.grpc_statuses && (grpc == "14" || grpc == "1"));
+                        let out = Outcome {
+                            resp: resp
+                                .map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
+                            flag: "-",
+                            reason: None,
+                        };
+                        if retry_it && attempt < retry.retries && body.replayable() {
+                            debug!(status, attempt, "retrying");
+                            last = Some(out);
+                            continue;
+                        }
+                        return out;
+                    }
+                    Err(e) => {
+                        let retriable = e.retriable();
+                        let out = local(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "upstream connect error or disconnect/reset before headers",
+                            e.flag(),
+                            e.to_string(),
+                        );
+                        if retriable && attempt < retry.retries {
+                            last = Some(out);
+                            continue;
+                        }
+                        return out;
+                    }
+                }
+            }
+            last.unwrap_or_else(|| {
+                local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                    "UH",
+                    "no attempt was possible".into(),
+                )
+            })
+        };
+        let out = match rule.request_timeout {
+            Some(t) => match tokio::time::timeout(t, attempts).await {
+                Ok(o) => o,
+                Err(_) => local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    "UT",
+                    format!("request timeout {t:?}"),
+                ),
+            },
+            None => attempts.await,
+        };
+
+        // ── respond ──────────────────────────────────────────────────────────────────
+        let mut out = out;
+        if out.resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(down_up) = on_upgrade {
+                let up = hyper::upgrade::on(&mut out.resp);
+                tokio::spawn(async move {
+                    match (down_up.await, up.await) {
+                        (Ok(d), Ok(u)) => {
+                            let mut d = hyper_util::rt::TokioIo::new(d);
+                            let mut u = hyper_util::rt::TokioIo::new(u);
+                            let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                        }
+                        (d, u) => debug!(down = d.is_ok(), up = u.is_ok(), "upgrade failed"),
+                    }
+                });
+            }
+        } else {
+            strip_hop_by_hop(out.resp.headers_mut(), false);
+        }
+        rule.response_headers.apply(out.resp.headers_mut());
+        out
+    }
+
+    async fn forward_direct(
+        &self,
+        _snap: &Snapshot,
+        wp: &crate::state::WaypointId,
+        ep: Endpoint,
+        req: Request<Incoming>,
+        rec: &mut Record,
+        bytes_in: &Arc<AtomicU64>,
+    ) -> Outcome {
+        let h2 = req.version() == http::Version::HTTP_2;
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        set_destination(&mut rec.labels, &ep);
+        rec.upstream = Some(ep.addr.to_string());
+        rec.attempts = 1;
+        let body = CountIn {
+            inner: body,
+            n: bytes_in.clone(),
+        }
+        .boxed_unsync();
+        let r = Request::from_parts(parts, body);
+        match self.upstream.send(&ep, &wp.identity, r, h2, false).await {
+            Ok(resp) => Outcome {
+                resp: resp.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
+                flag: "-",
+                reason: None,
+            },
+            Err(e) => local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers",
+                e.flag(),
+                e.to_string(),
+            ),
+        }
+    }
+
+    /// Sends a copy of the request to the mirror backend and forgets the response
+    /// (Envoy's shadowing: `Host` gets a `-shadow` suffix).
+    #[allow(clippy::too_many_arguments)]
+    fn mirror(
+        &self,
+        snap: &Snapshot,
+        me: Identity,
+        target: &BackendService,
+        port: u16,
+        parts: &http::request::Parts,
+        uri: &Uri,
+        host: &str,
+        body: Bytes,
+        h2: bool,
+    ) {
+        let Some(svc) = snap.service(&target.namespace, &target.name).cloned() else {
+            debug!(mirror = %target.name, "mirror backend not found");
+            return;
+        };
+        let port = target.port.unwrap_or(port);
+        let Ok(ep) = self.upstream.pick(snap, &svc, port, Lb::RoundRobin, &[]) else {
+            return;
+        };
+        let mut parts = parts.clone();
+        let shadow = match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => format!("{h}-shadow:{p}"),
+            _ => format!("{host}-shadow"),
+        };
+        let uri = if h2 {
+            format!(
+                "http://{shadow}{}",
+                uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+            )
+            .parse()
+            .unwrap_or_else(|_| uri.clone())
+        } else {
+            if let Ok(h) = HeaderValue::try_from(shadow) {
+                parts.headers.insert(header::HOST, h);
+            }
+            uri.clone()
+        };
+        let up = self.upstream.clone();
+        tokio::spawn(async move {
+            let mut r = Request::from_parts(parts, full(body));
+            *r.uri_mut() = uri;
+            if let Ok(resp) = up.send(&ep, &me, r, h2, false).await {
+                let _ = resp.into_body().collect().await;
+            }
+        });
+    }
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn lb_for(snap: &Snapshot, svc: &Service) -> Lb {
+    match snap
+        .destination_rule(svc)
+        .and_then(|d| d.traffic_policy.as_ref())
+        .and_then(|t| t.load_balancer.as_ref())
+        .and_then(|l| l.simple.as_deref())
+    {
+        Some("LEAST_REQUEST") | Some("LEAST_CONN") => Lb::LeastRequest,
+        Some("RANDOM") => Lb::Random,
+        _ => Lb::RoundRobin,
+    }
+}
+
+/// No route attached: the Service itself, Istio's default retry policy, no timeout.
+fn default_rule_for(svc: &Service) -> route::Rule {
+    route::Rule {
+        index: 0,
+        matches: Vec::new(),
+        request_headers: Default::default(),
+        response_headers: Default::default(),
+        redirect: None,
+        rewrite: None,
+        mirrors: Vec::new(),
+        backends: vec![Backend {
+            service: BackendService {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                port: None,
+            },
+            weight: 1,
+            request_headers: Default::default(),
+        }],
+        request_timeout: None,
+        backend_timeout: None,
+        retry: RetrySpec::istio_default(),
+    }
+}
+
+fn redirect(
+    req: &Request<Incoming>,
+    rd: &route::RedirectSpec,
+    e: &Entry,
+    authority: &str,
+) -> Outcome {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => {
+            (h.to_string(), p.parse::<u16>().ok())
+        }
+        _ => (authority.to_string(), None),
+    };
+    let scheme = rd.scheme.clone().unwrap_or_else(|| "http".into());
+    let host = rd.hostname.clone().unwrap_or(host);
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let port = rd.port.or(if rd.scheme.is_some() { None } else { port });
+    let path = match &rd.path {
+        Some(p) => route::rewrite_path(req.uri().path(), p, e.matched()),
+        None => req.uri().path().to_string(),
+    };
+    let mut loc = format!("{scheme}://{host}");
+    if let Some(p) = port.filter(|p| *p != default_port) {
+        loc.push_str(&format!(":{p}"));
+    }
+    loc.push_str(&path);
+    if let Some(q) = req.uri().query() {
+        loc.push('?');
+        loc.push_str(q);
+    }
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = rd.status;
+    if let Ok(v) = HeaderValue::try_from(loc) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    let _ = (e.route.kind == RouteKind::Http, Method::GET);
+    Outcome {
+        resp,
+        flag: "-",
+        reason: Some("RequestRedirect".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_keeps_trace_id_and_flags() {
+        let inc =
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let out = child_traceparent(Some(&inc));
+        let s = out.to_str().unwrap();
+        assert!(s.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{s}");
+        assert!(s.ends_with("-01"));
+        assert!(!s.contains("00f067aa0ba902b7"));
+        let fresh = child_traceparent(Some(&HeaderValue::from_static("garbage")));
+        assert_eq!(fresh.to_str().unwrap().len(), 55);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_but_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert!(h.get("x-keep").is_some());
+    }
+}

@@ -1,0 +1,443 @@
+//! What the waypoint knows, as one immutable [`Snapshot`] swapped whole on every change.
+//!
+//! The local file has the waypoint's own identity and Gateway, the workloads and services in
+//! ztunnel's local-config shape (parsed by `ztunnel::localconfig`, so one format serves both),
+//! and `objects:`, Kubernetes objects read one by one by [`crate::objects::parse_object`]:
+//!
+//! ```yaml
+//! waypoint: {name: waypoint, namespace: default}   # serviceAccount defaults to name
+//! workloads: [...]                                  # ztunnel local-config format
+//! services: [...]
+//! objects:
+//! - {apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, ...}
+//! ```
+//!
+//! A bad object is reported in [`Snapshot::errors`] (kind, name, field) and skipped; the file
+//! as a whole is rejected only if its shape or the workloads/services are invalid, and then
+//! the previous snapshot stays in force.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
+
+use mesh_core::{
+    Identity,
+    workload::{Service, Workload},
+};
+use mesh_policy::{MeshConfig, PolicySet};
+use serde::Serialize;
+
+use crate::{
+    objects::{DestinationRuleSpec, KubeObject, ServicePorts, parse_object},
+    route::{self, CompiledRoute, Entry},
+};
+
+/// Why a config file was refused as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: field `{field}`: {reason}")]
+    Invalid {
+        path: String,
+        field: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Mesh(#[from] ztunnel::localconfig::LocalConfigError),
+}
+
+/// The waypoint itself: its Gateway and the identity it presents upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WaypointId {
+    pub name: String,
+    pub namespace: String,
+    pub identity: Identity,
+}
+
+/// How a service port is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum PortProtocol {
+    Http,
+    Tcp,
+    /// No Service object or no hint: sniff the first bytes.
+    Detect,
+}
+
+/// Istio's protocol selection: `appProtocol`, else the port name's prefix.
+pub fn port_protocol(name: Option<&str>, app_protocol: Option<&str>) -> PortProtocol {
+    let classify = |p: &str| {
+        let p = p.to_ascii_lowercase();
+        let base = p.split(['-', '_']).next().unwrap_or_default().to_string();
+        match base.as_str() {
+            "http" | "http2" | "grpc" | "h2c" => Some(PortProtocol::Http),
+            "kubernetes.io/h2c" | "kubernetes.io/ws" | "kubernetes.io/wss" => {
+                Some(PortProtocol::Http)
+            }
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" => Some(PortProtocol::Tcp),
+            _ => None,
+        }
+    };
+    app_protocol
+        .and_then(|a| {
+            if a.starts_with("kubernetes.io/") {
+                Some(PortProtocol::Http)
+            } else {
+                classify(a)
+            }
+        })
+        .or_else(|| name.and_then(classify))
+        .unwrap_or(PortProtocol::Detect)
+}
+
+/// Where a CONNECT's authority points.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A Service VIP and service port.
+    Service { service: Arc<Service>, port: u16 },
+    /// A workload IP and port (workload-addressed traffic).
+    Workload {
+        workload: Arc<Workload>,
+        addr: SocketAddr,
+    },
+}
+
+/// The configuration in force.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub waypoint: Option<WaypointId>,
+    pub mesh: ztunnel::state::State,
+    pub mesh_config: MeshConfig,
+    pub policies: PolicySet,
+    pub routes: Vec<Arc<CompiledRoute>>,
+    pub destination_rules: Vec<(String, DestinationRuleSpec)>,
+    pub service_ports: Vec<ServicePorts>,
+    /// Objects that were skipped, with why (`Kind ns/name: field: reason`).
+    pub errors: Vec<String>,
+    by_name: HashMap<(String, String), Arc<Service>>,
+    tables: HashMap<(String, String, u16), Arc<Vec<Entry>>>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from its parts; computes every Service's route table once.
+    pub fn build(
+        waypoint: WaypointId,
+        mesh: ztunnel::state::State,
+        objects: Vec<KubeObject>,
+        errors: Vec<String>,
+    ) -> Self {
+        let mut s = Snapshot {
+            waypoint: Some(waypoint),
+            mesh,
+            errors,
+            ..Default::default()
+        };
+        for o in objects {
+            match o {
+                KubeObject::HttpRoute(r) => match route::compile_http(&r) {
+                    Ok(c) => s.routes.push(Arc::new(c)),
+                    Err((f, e)) => s.errors.push(format!("HTTPRoute {}: {f}: {e}", r.key())),
+                },
+                KubeObject::GrpcRoute(r) => match route::compile_grpc(&r) {
+                    Ok(c) => s.routes.push(Arc::new(c)),
+                    Err((f, e)) => s.errors.push(format!("GRPCRoute {}: {f}: {e}", r.key())),
+                },
+                KubeObject::AuthorizationPolicy(p) => s.policies.authorization_policies.push(p),
+                KubeObject::RequestAuthentication(r) => s.policies.request_authentications.push(r),
+                KubeObject::DestinationRule(d) => s
+                    .destination_rules
+                    .push((d.meta.namespace().to_string(), d.spec)),
+                KubeObject::Service(p) => s.service_ports.push(p),
+            }
+        }
+        let services: Vec<Arc<Service>> = s
+            .mesh
+            .dump()
+            .services
+            .into_iter()
+            .map(|svc| Arc::new(svc.clone()))
+            .collect();
+        let wns = s
+            .waypoint
+            .as_ref()
+            .map(|w| w.namespace.clone())
+            .unwrap_or_default();
+        for svc in services {
+            for &port in svc.ports.keys() {
+                let attached: Vec<Arc<CompiledRoute>> = s
+                    .routes
+                    .iter()
+                    .filter(|r| r.attaches_to(&svc.namespace, &svc.name, port, &wns))
+                    .cloned()
+                    .collect();
+                if !attached.is_empty() {
+                    s.tables.insert(
+                        (svc.namespace.clone(), svc.name.clone(), port),
+                        Arc::new(route::order(&attached)),
+                    );
+                }
+            }
+            s.by_name
+                .insert((svc.namespace.clone(), svc.name.clone()), svc);
+        }
+        s
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.by_name.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// The ordered route table of a Service port, if any route attaches to it.
+    pub fn route_table(&self, svc: &Service, port: u16) -> Option<Arc<Vec<Entry>>> {
+        self.tables
+            .get(&(svc.namespace.clone(), svc.name.clone(), port))
+            .cloned()
+    }
+
+    /// What a CONNECT authority names.
+    pub fn target(&self, dst: SocketAddr) -> Option<Target> {
+        if let Some(service) = self.mesh.service_by_vip("", dst.ip()) {
+            return Some(Target::Service {
+                service,
+                port: dst.port(),
+            });
+        }
+        self.mesh
+            .workload_by_ip("", dst.ip())
+            .map(|workload| Target::Workload {
+                workload,
+                addr: dst,
+            })
+    }
+
+    pub fn protocol(&self, svc: &Service, port: u16) -> PortProtocol {
+        self.service_ports
+            .iter()
+            .filter(|p| p.meta.name == svc.name && p.meta.namespace() == svc.namespace)
+            .flat_map(|p| p.spec.ports.iter())
+            .find(|p| p.port == port)
+            .map(|p| port_protocol(p.name.as_deref(), p.app_protocol.as_deref()))
+            .unwrap_or(PortProtocol::Detect)
+    }
+
+    /// The DestinationRule for a Service (`host` as FQDN, `name.ns` or a short name in the
+    /// rule's namespace); the first one listed wins.
+    pub fn destination_rule(&self, svc: &Service) -> Option<&DestinationRuleSpec> {
+        self.destination_rules
+            .iter()
+            .find(|(ns, d)| {
+                d.host == svc.hostname
+                    || d.host == format!("{}.{}", svc.name, svc.namespace)
+                    || (d.host == svc.name && *ns == svc.namespace)
+            })
+            .map(|(_, d)| d)
+    }
+}
+
+/// Parses the local config file. `path` names it in errors.
+pub fn parse(path: &str, text: &str) -> Result<Snapshot, StateError> {
+    let invalid = |field: &str, reason: String| StateError::Invalid {
+        path: path.to_string(),
+        field: field.to_string(),
+        reason,
+    };
+    let root: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| invalid("", e.to_string()))?;
+    let map = match root {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+        _ => return Err(invalid("", "the file must be a YAML mapping".into())),
+    };
+    let mut mesh_part = serde_yaml::Mapping::new();
+    let mut waypoint = None;
+    let mut objects = Vec::new();
+    for (k, v) in map {
+        match k.as_str().unwrap_or_default() {
+            "waypoint" => waypoint = Some(v),
+            "objects" => {
+                objects = match v {
+                    serde_yaml::Value::Sequence(s) => s,
+                    serde_yaml::Value::Null => Vec::new(),
+                    _ => return Err(invalid("objects", "must be a list".into())),
+                }
+            }
+            "workloads" | "services" | "policies" => {
+                mesh_part.insert(k, v);
+            }
+            other => {
+                return Err(invalid(
+                    other,
+                    "unknown field (waypoint, workloads, services, policies, objects)".into(),
+                ));
+            }
+        }
+    }
+    let w = waypoint.ok_or_else(|| invalid("waypoint", "required: {name, namespace}".into()))?;
+    let field = |k: &str| {
+        w.get(k)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    let (name, namespace) = (field("name"), field("namespace"));
+    if name.is_empty() {
+        return Err(invalid("waypoint.name", "must be set".into()));
+    }
+    let namespace = if namespace.is_empty() {
+        "default".to_string()
+    } else {
+        namespace
+    };
+    let sa = Some(field("serviceAccount"))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| name.clone());
+    let td = Some(field("trustDomain"))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "cluster.local".into());
+    let identity = Identity::new(&td, &namespace, &sa)
+        .map_err(|e| invalid("waypoint.serviceAccount", e.to_string()))?;
+    let mesh_text = serde_yaml::to_string(&serde_yaml::Value::Mapping(mesh_part))
+        .map_err(|e| invalid("", e.to_string()))?;
+    let mesh = ztunnel::localconfig::parse(path, &mesh_text)?;
+    let mut parsed = Vec::new();
+    let mut errors = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        match parse_object(o) {
+            Ok(Some(obj)) => parsed.push(obj),
+            Ok(None) => {}
+            Err(e) => errors.push(format!("objects[{i}]: {e}")),
+        }
+    }
+    for e in &errors {
+        tracing::warn!(path, error = %e, "object skipped");
+    }
+    Ok(Snapshot::build(
+        WaypointId {
+            name,
+            namespace,
+            identity,
+        },
+        mesh,
+        parsed,
+        errors,
+    ))
+}
+
+pub fn load(path: &std::path::Path) -> Result<Snapshot, StateError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StateError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&path.display().to_string(), &text)
+}
+
+/// The shared, swappable snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct Store {
+    inner: Arc<RwLock<Arc<Snapshot>>>,
+}
+
+impl Store {
+    pub fn new(s: Snapshot) -> Self {
+        Store {
+            inner: Arc::new(RwLock::new(Arc::new(s))),
+        }
+    }
+    pub fn get(&self) -> Arc<Snapshot> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    pub fn replace(&self, s: Snapshot) {
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_case::test_case;
+
+    const FILE: &str = r#"
+waypoint: {name: waypoint, namespace: default}
+workloads:
+- uid: default/echo
+  name: echo
+  namespace: default
+  serviceAccount: echo
+  workloadIps: [10.0.0.3]
+  protocol: HBONE
+  services:
+    default/echo.default.svc.cluster.local: {80: 8080}
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: [/10.96.0.1]
+  ports: {80: 8080}
+objects:
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: HTTPRoute
+  metadata: {name: good}
+  spec:
+    parentRefs: [{group: "", kind: Service, name: echo}]
+    rules: [{backendRefs: [{name: echo, port: 80}]}]
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: HTTPRoute
+  metadata: {name: bad}
+  spec:
+    parentRefs: [{group: "", kind: Service, name: echo}]
+    rules: [{matches: [{method: "NOT A METHOD"}]}]
+- apiVersion: v1
+  kind: Service
+  metadata: {name: echo}
+  spec: {ports: [{name: http, port: 80}]}
+"#;
+
+    #[test]
+    fn a_bad_object_is_reported_and_the_good_ones_apply() {
+        let s = parse("test.yaml", FILE).unwrap();
+        assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.errors.len(), 1);
+        assert!(
+            s.errors[0].contains("HTTPRoute default/bad"),
+            "{:?}",
+            s.errors
+        );
+        assert!(
+            s.errors[0].contains("spec.rules[0].matches[0].method"),
+            "{:?}",
+            s.errors
+        );
+        let Some(Target::Service { service, port }) = s.target("10.96.0.1:80".parse().unwrap())
+        else {
+            panic!("no service")
+        };
+        assert!(s.route_table(&service, port).is_some());
+        assert_eq!(s.protocol(&service, 80), PortProtocol::Http);
+        assert_eq!(
+            s.waypoint.unwrap().identity.to_string(),
+            "spiffe://cluster.local/ns/default/sa/waypoint"
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_field_rejects_the_file() {
+        let e = parse("t.yaml", "waypoint: {name: w}\nroutes: []\n").unwrap_err();
+        assert!(e.to_string().contains("routes"), "{e}");
+    }
+
+    #[test_case(Some("http"), None => PortProtocol::Http)]
+    #[test_case(Some("http-web"), None => PortProtocol::Http)]
+    #[test_case(Some("grpc"), None => PortProtocol::Http)]
+    #[test_case(Some("tcp-db"), None => PortProtocol::Tcp)]
+    #[test_case(Some("web"), None => PortProtocol::Detect)]
+    #[test_case(Some("tcp"), Some("http") => PortProtocol::Http ; "appProtocol wins")]
+    #[test_case(None, Some("kubernetes.io/h2c") => PortProtocol::Http)]
+    fn protocol_selection(name: Option<&str>, app: Option<&str>) -> PortProtocol {
+        port_protocol(name, app)
+    }
+}
