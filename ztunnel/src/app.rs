@@ -24,6 +24,7 @@ use crate::{
     admin,
     config::{CertSource, Config, ConfigSource, ProxyMode},
     controlplane::Credentials,
+    dns::server::{Client, DnsServer, DnsShared, Handler},
     identity::{CertProvider, LocalCaProvider, SecretManager, caclient::IstioCaProvider},
     inpod::manager::WorkloadManager,
     localconfig,
@@ -44,6 +45,8 @@ pub struct Addresses {
     pub stats: SocketAddr,
     pub readiness: SocketAddr,
     pub socks5: Option<SocketAddr>,
+    /// The dedicated-mode DNS proxy (UDP and TCP), if `DNS_PROXY_ADDR` is set.
+    pub dns: Option<SocketAddr>,
 }
 
 /// A running ztunnel.
@@ -111,7 +114,11 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let dns_metrics = crate::dns::server::DnsMetrics::register(&mut registry);
     let registry = Arc::new(registry);
+    let dns = ((cfg.dns_capture && cfg.proxy_mode == ProxyMode::Shared)
+        || cfg.dns_proxy_addr.is_some())
+    .then(|| Arc::new(DnsShared::new(&cfg, state.clone(), dns_metrics)));
 
     let h2 = H2Settings::default();
     let pool = Pool::new(PoolSettings {
@@ -134,6 +141,21 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
     let stats_l = bind(cfg.stats_addr, "metrics")?;
     let ready_l = bind(cfg.readiness_addr, "readiness")?;
     let socks5 = cfg.socks5_addr.map(|a| bind(a, "SOCKS5")).transpose()?;
+    let dns_server = match (cfg.dns_proxy_addr, &dns) {
+        (Some(a), Some(shared)) => Some(
+            DnsServer::bind(
+                &DefaultSocketFactory,
+                a,
+                false,
+                Handler {
+                    shared: shared.clone(),
+                    client: Client::BySourceIp,
+                },
+            )
+            .with_context(|| format!("binding the DNS proxy on {a} (DNS_PROXY_ADDR)"))?,
+        ),
+        _ => None,
+    };
     let addresses = Addresses {
         outbound: outbound.as_ref().map(local_addr).transpose()?,
         inbound_plaintext: inbound_plain.as_ref().map(local_addr).transpose()?,
@@ -142,6 +164,7 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
         stats: local_addr(&stats_l)?,
         readiness: local_addr(&ready_l)?,
         socks5: socks5.as_ref().map(local_addr).transpose()?,
+        dns: dns_server.as_ref().map(DnsServer::local_addr).transpose()?,
     };
     info!(?addresses, "listeners bound");
 
@@ -151,6 +174,7 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
         secrets: secrets.clone(),
         pool: pool.clone(),
         metrics,
+        dns,
         h2,
         authz_calls: Default::default(),
     });
@@ -182,6 +206,9 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
         let manager = WorkloadManager::new(pi.clone(), cfg.inpod_uds.clone(), ready.clone())
             .context("starting in-pod mode")?;
         tokio::spawn(manager.run(watcher.clone()).instrument(info_span!("inpod")));
+    }
+    if let Some(d) = dns_server {
+        tokio::spawn(d.run(watcher.clone()).instrument(info_span!("dns")));
     }
     if let Some(l) = socks5 {
         tokio::spawn(proxy::socks5::serve(pi.clone(), l, watcher.clone()));

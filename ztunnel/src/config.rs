@@ -162,6 +162,23 @@ pub struct Args {
     #[arg(long, env = "SOCKS5_ADDR")]
     pub socks5_addr: Option<SocketAddr>,
 
+    /// Serve DNS in every captured pod on 127.0.0.1:15053 (and [::1]:15053), where the CNI's
+    /// DNS capture sends UDP/TCP 53 (in-pod mode). Istio's name for the switch.
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_capture: bool,
+
+    /// DNS proxy listener in dedicated mode (unset: no DNS proxy outside in-pod mode).
+    #[arg(long, env = "DNS_PROXY_ADDR")]
+    pub dns_proxy_addr: Option<SocketAddr>,
+
+    /// Kubernetes cluster DNS domain (service FQDNs are `<svc>.<ns>.svc.<domain>`).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Where the DNS proxy finds its upstream resolvers and extra search domains.
+    #[arg(long, env = "DNS_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    pub dns_resolv_conf: PathBuf,
+
     /// SO_MARK on every socket ztunnel opens, so capture rules skip its own traffic.
     #[arg(long, env = "PACKET_MARK", default_value_t = 1337)]
     pub packet_mark: u32,
@@ -254,6 +271,11 @@ pub struct Config {
     pub stats_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub socks5_addr: Option<SocketAddr>,
+    /// In-pod DNS proxy on (see `dns`).
+    pub dns_capture: bool,
+    pub dns_proxy_addr: Option<SocketAddr>,
+    pub cluster_domain: String,
+    pub dns_resolv_conf: PathBuf,
     pub packet_mark: Option<u32>,
     pub preserve_source_ip: bool,
     #[serde(serialize_with = "ser_duration")]
@@ -306,6 +328,10 @@ impl Args {
             stats_addr,
             readiness_addr,
             socks5_addr,
+            dns_capture,
+            dns_proxy_addr,
+            cluster_domain,
+            dns_resolv_conf,
             packet_mark,
             preserve_source_ip,
             drain_deadline,
@@ -399,6 +425,16 @@ impl Args {
                 "LOCAL_CA_CERT_TTL {local_ca_cert_ttl:?} is too short (minimum 1m)"
             ));
         }
+        let cluster_domain = cluster_domain.trim_matches('.').to_ascii_lowercase();
+        if cluster_domain.is_empty()
+            || !cluster_domain
+                .split('.')
+                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        {
+            errs.push(format!(
+                "CLUSTER_DOMAIN {cluster_domain:?} is not a DNS domain (e.g. cluster.local)"
+            ));
+        }
         if worker_threads == 0 {
             errs.push("WORKER_THREADS must be at least 1".to_owned());
         }
@@ -444,6 +480,10 @@ impl Args {
             stats_addr,
             readiness_addr,
             socks5_addr,
+            dns_capture,
+            dns_proxy_addr,
+            cluster_domain,
+            dns_resolv_conf,
             packet_mark: (packet_mark != 0).then_some(packet_mark),
             preserve_source_ip,
             drain_deadline,

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod controlplane;
+pub mod dns;
 pub mod identity;
 pub mod inpod;
 pub mod localconfig;

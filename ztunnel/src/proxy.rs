@@ -44,6 +44,8 @@ pub struct ProxyInputs {
     pub secrets: Arc<SecretManager>,
     pub pool: Pool,
     pub metrics: Arc<metrics::Metrics>,
+    /// The DNS proxy's shared parts, when it is on (in-pod DNS capture or DNS_PROXY_ADDR).
+    pub dns: Option<Arc<crate::dns::server::DnsShared>>,
     pub h2: H2Settings,
     /// Counts authorization calls: tests assert every connection went through the engine.
     pub authz_calls: AtomicU64,
@@ -180,6 +182,10 @@ pub enum Source {
 pub trait SocketFactory: Send + Sync + 'static {
     /// A new non-blocking TCP socket.
     fn tcp_socket(&self, domain: socket2::Domain) -> io::Result<socket2::Socket>;
+    /// A new non-blocking UDP socket (the DNS proxy's listener).
+    fn udp_socket(&self, domain: socket2::Domain) -> io::Result<socket2::Socket> {
+        new_udp_socket(domain)
+    }
     /// Identifies the namespace, to keep pooled connections of different pods apart.
     fn scope(&self) -> u64;
 }
@@ -201,6 +207,13 @@ impl SocketFactory for DefaultSocketFactory {
 /// A non-blocking TCP socket in the calling thread's network namespace.
 pub fn new_tcp_socket(domain: socket2::Domain) -> io::Result<socket2::Socket> {
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// A non-blocking UDP socket in the calling thread's network namespace.
+pub fn new_udp_socket(domain: socket2::Domain) -> io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     s.set_nonblocking(true)?;
     Ok(s)
 }

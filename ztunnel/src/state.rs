@@ -32,6 +32,8 @@ pub struct State {
     services: HashMap<NamespacedHostname, Arc<Service>>,
     by_vip: HashMap<(String, IpAddr), Arc<Service>>,
     endpoints: HashMap<NamespacedHostname, Vec<Endpoint>>,
+    /// Lower-cased hostname → the services of every namespace carrying it (DNS proxy).
+    by_hostname: HashMap<String, Vec<Arc<Service>>>,
     policies: BTreeMap<String, Arc<Authorization>>,
 }
 
@@ -102,6 +104,7 @@ impl State {
         self.by_ip.clear();
         self.by_vip.clear();
         self.endpoints.clear();
+        self.by_hostname.clear();
         for w in self.workloads.values() {
             for ip in &w.workload_ips {
                 self.by_ip.insert((w.network.clone(), *ip), w.clone());
@@ -119,6 +122,10 @@ impl State {
             eps.sort_by(|a, b| a.workload.uid.cmp(&b.workload.uid));
         }
         for svc in self.services.values() {
+            self.by_hostname
+                .entry(svc.hostname.to_ascii_lowercase())
+                .or_default()
+                .push(svc.clone());
             for vip in &svc.vips {
                 self.by_vip
                     .insert((vip.network.clone(), vip.address), svc.clone());
@@ -140,6 +147,17 @@ impl State {
 
     pub fn service_by_host(&self, key: &NamespacedHostname) -> Option<Arc<Service>> {
         self.services.get(key).cloned()
+    }
+
+    /// Services named `hostname` (any case), in any namespace, ordered by namespace.
+    pub fn services_by_hostname(&self, hostname: &str) -> Vec<Arc<Service>> {
+        let mut v = self
+            .by_hostname
+            .get(&hostname.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        v
     }
 
     /// Endpoints of a service, in a stable order.

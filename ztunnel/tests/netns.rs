@@ -4,7 +4,8 @@
 //! Checks: captured app traffic crosses between the nodes only as TCP to :15008 and never as
 //! the app's plaintext; the bytes arrive intact; the server sees the client's real source IP
 //! (IP_TRANSPARENT + connmark routing); plaintext into a node goes through :15006 and is
-//! refused once a STRICT-style policy is in force; sockets marked 0x539 bypass capture.
+//! refused once a STRICT-style policy is in force; sockets marked 0x539 bypass capture;
+//! captured DNS is answered for mesh names and forwarded, marked, for the rest.
 //!
 //! Needs root. Everything created (namespaces, veths, processes) is removed by name/PID on
 //! drop. Without root the tests print a skip notice, unless MESH_REQUIRE_NETNS=1 (CI).
@@ -244,7 +245,12 @@ policies: {policies}
     }
 
     fn start_ztunnel(&mut self, ns: &str, node: &str) -> PathBuf {
-        let cfg = self.write_config(node, &self.config("[]"));
+        let body = self.config("[]");
+        self.start_ztunnel_with(ns, node, &body, &[])
+    }
+
+    fn start_ztunnel_with(&mut self, ns: &str, node: &str, body: &str, extra: &[&str]) -> PathBuf {
+        let cfg = self.write_config(node, body);
         let log = self.dir.path().join(format!("{node}.log"));
         let child = Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ztunnel")])
@@ -272,6 +278,7 @@ policies: {policies}
                 "--readiness-addr",
                 "0.0.0.0:15021",
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(File::create(&log).unwrap())
             .stderr(Stdio::inherit())
@@ -316,6 +323,79 @@ policies: {policies}
 }
 
 const MARKER: &str = "PLAINTEXT-APP-MARKER-7f3a";
+
+/// A service backed by B's echo workload (appended to [`Lab::config`]).
+const ECHO_SERVICE: &str = "services:
+- name: echo
+  namespace: foo
+  hostname: echo.foo.svc.cluster.local
+  vips: [/10.96.0.10]
+  ports: {80: 8080}
+";
+
+/// Sends one A query from inside `ns` (unmarked, so capture applies) and returns the
+/// answers' addresses and the address the reply came from.
+fn dns_ask(ns: &str, server: SocketAddr, name: &str) -> (Vec<String>, SocketAddr) {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let mut q = Message::new(0x7e57, MessageType::Query, OpCode::Query);
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let bytes = q.to_vec().unwrap();
+    let (n, from, buf) = in_netns(ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.send_to(&bytes, server).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (n, from) = s.recv_from(&mut buf).expect("no DNS answer");
+        (n, from, buf)
+    });
+    let m = Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(m.metadata.id, 0x7e57);
+    let answers = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    (answers, from)
+}
+
+/// An upstream resolver inside B on :53 answering every A query with 192.0.2.1; records
+/// the source of each query.
+fn start_upstream_dns(lab: &Lab) -> Arc<Mutex<Vec<SocketAddr>>> {
+    use hickory_proto::{
+        op::{Message, OpCode},
+        rr::{RData, Record, rdata::A},
+    };
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let addr = SocketAddr::new(lab.ip(2), 53);
+    let s = in_netns(&lab.b, move || std::net::UdpSocket::bind(addr).unwrap());
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, src)) = s.recv_from(&mut buf) {
+            s2.lock().unwrap().push(src);
+            let Ok(req) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut resp = Message::response(req.metadata.id, OpCode::Query);
+            let q = req.queries[0].clone();
+            resp.add_answer(Record::from_rdata(
+                q.name().clone(),
+                60,
+                RData::A(A::new(192, 0, 2, 1)),
+            ));
+            resp.add_query(q);
+            let _ = s.send_to(&resp.to_vec().unwrap(), src);
+        }
+    });
+    seen
+}
 
 /// Echo server inside B recording each client's address.
 fn start_echo(lab: &Lab, port: u16) -> Arc<Mutex<Vec<SocketAddr>>> {
@@ -421,6 +501,88 @@ fn captured_traffic_crosses_nodes_only_as_tls_on_15008() {
         log.contains("src.identity=\"spiffe://cluster.local/ns/bar/sa/sleep\""),
         "{log}"
     );
+}
+
+#[test]
+fn captured_dns_is_answered_for_mesh_names_and_forwarded_with_the_mark() {
+    if !runnable() {
+        return;
+    }
+    let mut lab = Lab::new(234);
+    // Istio's DNS capture rule (redirection-cni.md §1.2), first in ISTIO_OUTPUT.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.a.clone(),
+        "iptables",
+        "-t",
+        "nat",
+        "-I",
+        "ISTIO_OUTPUT",
+        "1",
+        "!",
+        "-o",
+        "lo",
+        "-p",
+        "udp",
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        "0x539/0xfff",
+        "-m",
+        "udp",
+        "--dport",
+        "53",
+        "-j",
+        "REDIRECT",
+        "--to-port",
+        "15053",
+    ]);
+    let upstream = lab.ip(2);
+    let rc = lab.dir.path().join("resolv.conf");
+    std::fs::write(
+        &rc,
+        format!(
+            "search bar.svc.cluster.local svc.cluster.local cluster.local\nnameserver {upstream}\n"
+        ),
+    )
+    .unwrap();
+    let body = lab.config("[]") + ECHO_SERVICE;
+    let rc_s = rc.display().to_string();
+    let log = lab.start_ztunnel_with(
+        &lab.a.clone(),
+        "node-a",
+        &body,
+        &[
+            "--dns-proxy-addr",
+            "127.0.0.1:15053",
+            "--dns-resolv-conf",
+            &rc_s,
+        ],
+    );
+    lab.wait_ready(&log);
+    let seen = start_upstream_dns(&lab);
+    let resolver = SocketAddr::new(upstream, 53);
+
+    // A mesh name: answered by ztunnel in A, although the app asked B's resolver; the
+    // reply appears to come from that resolver (the REDIRECT is undone on the way back).
+    let (answers, from) = dns_ask(&lab.a, resolver, "echo.foo.");
+    assert_eq!(answers, vec!["10.96.0.10".to_owned()]);
+    assert_eq!(from, resolver);
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a mesh name reached the upstream"
+    );
+
+    // Anything else: forwarded once from A with ztunnel's mark (not captured again).
+    let (answers, from) = dns_ask(&lab.a, resolver, "www.example.org.");
+    assert_eq!(answers, vec!["192.0.2.1".to_owned()]);
+    assert_eq!(from, resolver);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "forwarded exactly once: {seen:?}");
+    assert_eq!(seen[0].ip(), lab.ip(1));
 }
 
 #[test]
@@ -595,7 +757,8 @@ mod shared {
             let config = lab
                 .config("[]")
                 .replace("uid: bar/sleep", "uid: uid-a")
-                .replace("uid: foo/echo", "uid: uid-b");
+                .replace("uid: foo/echo", "uid: uid-b")
+                + ECHO_SERVICE;
             let cfg = lab.write_config(node, &config);
             let log = lab.dir.path().join(format!("{node}.log"));
             let child = Command::new("ip")
@@ -654,6 +817,10 @@ mod shared {
             log_b.contains("src.identity=\"spiffe://cluster.local/ns/bar/sa/sleep\""),
             "{log_b}"
         );
+        // The in-pod DNS proxy answers inside the pod, on localhost:15053, as the pod
+        // (namespace bar: `echo.foo` expands to the foo service).
+        let (answers, _) = dns_ask(&lab.a, "127.0.0.1:15053".parse().unwrap(), "echo.foo.");
+        assert_eq!(answers, vec!["10.96.0.10".to_owned()]);
 
         // Stop the ztunnels; each agent saw: malformed → nack, Add → ack, Snapshot → ack.
         for c in &mut lab.children {

@@ -1,6 +1,7 @@
 //! Keeps one set of proxies per enrolled pod, driven by the ZDS session.
 //!
-//! - `Add` starts the pod's listeners (15001, 15006, 15008) inside its netns — or does nothing
+//! - `Add` starts the pod's listeners (15001, 15006, 15008, and DNS on localhost:15053 when
+//!   DNS capture is on) inside its netns — or does nothing
 //!   if the same netns is already served; a different netns for the same uid replaces it.
 //! - `Keep` (snapshot only) marks a pod as still present without a netns.
 //! - `Del` drains that pod's proxies.
@@ -12,6 +13,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::OwnedFd,
     path::PathBuf,
     sync::Arc,
@@ -29,7 +31,13 @@ use super::{
     netns::{InpodNetns, NetnsSocketFactory},
     zds::{Connection, Request},
 };
-use crate::proxy::{self, ProxyInputs, SocketFactory};
+use crate::{
+    dns::server::{Client, DnsServer, Handler},
+    proxy::{self, ProxyInputs, SocketFactory},
+};
+
+/// The in-pod DNS proxy port (the CNI's DNS capture target).
+pub const DNS_PORT: u16 = 15053;
 
 struct PodProxy {
     netns_id: (u64, u64),
@@ -211,10 +219,37 @@ impl WorkloadManager {
         let outbound = proxy::bind_with(&sf, cfg.outbound_addr, true)?;
         let plain = proxy::bind_with(&sf, cfg.inbound_plaintext_addr, true)?;
         let hbone = proxy::bind_with(&sf, cfg.inbound_addr, true)?;
+        // DNS capture sends UDP/TCP 53 to localhost:15053 in the pod. IPv4 must bind; ::1
+        // is optional (a pod without IPv6 has none).
+        let mut dns_servers = Vec::new();
+        if let Some(shared) = &self.pi.dns {
+            for (addr, required) in [
+                (SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PORT)), true),
+                (SocketAddr::from((Ipv6Addr::LOCALHOST, DNS_PORT)), false),
+            ] {
+                let handler = Handler {
+                    shared: shared.clone(),
+                    client: Client::Pod(uid.to_owned()),
+                };
+                match DnsServer::bind(&sf, addr, true, handler) {
+                    Ok(s) => dns_servers.push(s),
+                    Err(e) if required => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("binding the DNS proxy on {addr} in the pod: {e}"),
+                        ));
+                    }
+                    Err(e) => tracing::debug!(%addr, error = %e, "no IPv6 DNS proxy in this pod"),
+                }
+            }
+        }
         let (trigger, watcher) = drain::new();
         let sf: Arc<dyn SocketFactory> = Arc::new(sf);
         let span = info_span!("pod", %uid, %pod);
         let pi = self.pi.clone();
+        for d in dns_servers {
+            tokio::spawn(d.run(watcher.clone()).instrument(span.clone()));
+        }
         tokio::spawn(
             proxy::outbound::serve(pi.clone(), outbound, watcher.clone(), sf.clone())
                 .instrument(span.clone()),

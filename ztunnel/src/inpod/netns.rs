@@ -14,7 +14,7 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::proxy::{SocketFactory, new_tcp_socket};
+use crate::proxy::{SocketFactory, new_tcp_socket, new_udp_socket};
 
 /// `NSFS_MAGIC`: the filesystem type of a namespace file (`/proc/<pid>/ns/net`).
 const NSFS_MAGIC: i64 = 0x6e73_6673;
@@ -87,6 +87,10 @@ impl SocketFactory for NetnsSocketFactory {
             s.set_mark(m)?;
         }
         Ok(s)
+    }
+
+    fn udp_socket(&self, domain: socket2::Domain) -> io::Result<socket2::Socket> {
+        self.netns.run(|| new_udp_socket(domain))
     }
 
     fn scope(&self) -> u64 {
