@@ -20,6 +20,7 @@ pub enum Key {
     Rsa(Arc<RsaKeyPair>),
     Ec(EcdsaKeyPair, &'static str),
     Ed(Ed25519KeyPair),
+    Hmac(Vec<u8>),
 }
 
 fn rsa() -> Arc<RsaKeyPair> {
@@ -51,6 +52,9 @@ impl Key {
             "P-521",
         )
     }
+    pub fn hmac() -> Key {
+        Key::Hmac(b"a shared secret of thirty-two b.".to_vec())
+    }
     pub fn ed25519() -> Key {
         Key::Ed(Ed25519KeyPair::generate().unwrap())
     }
@@ -71,6 +75,7 @@ impl Key {
             Key::Ed(k) => {
                 json!({"kty": "OKP", "crv": "Ed25519", "x": b64(k.public_key().as_ref())})
             }
+            Key::Hmac(secret) => json!({"kty": "oct", "k": b64(secret)}),
         };
         v["kid"] = json!(kid);
         if let Some(a) = alg {
@@ -109,6 +114,18 @@ impl Key {
             }
             Key::Ec(k, _) => k.sign(&rng, msg).unwrap().as_ref().to_vec(),
             Key::Ed(k) => k.sign(msg).as_ref().to_vec(),
+            Key::Hmac(secret) => {
+                use aws_lc_rs::hmac;
+                let alg = match alg {
+                    "HS256" => hmac::HMAC_SHA256,
+                    "HS384" => hmac::HMAC_SHA384,
+                    "HS512" => hmac::HMAC_SHA512,
+                    _ => panic!("{alg} is not an HMAC algorithm"),
+                };
+                hmac::sign(&hmac::Key::new(alg, secret), msg)
+                    .as_ref()
+                    .to_vec()
+            }
         }
     }
 }

@@ -48,6 +48,9 @@ fn bearer(t: &str) -> String {
 #[test_case("ES384", Key::p384 ; "es384")]
 #[test_case("ES512", Key::p521 ; "es512")]
 #[test_case("EdDSA", Key::ed25519 ; "eddsa")]
+#[test_case("HS256", Key::hmac ; "hs256")]
+#[test_case("HS384", Key::hmac ; "hs384")]
+#[test_case("HS512", Key::hmac ; "hs512")]
 #[tokio::test]
 async fn accepts_each_algorithm(alg: &str, key: fn() -> Key) {
     let k = key();
@@ -136,11 +139,24 @@ fn scenario(name: &str) -> (Vec<JwtRule>, String) {
         "alg none" => (
             vec![rule(&set)],
             format!(
-                "{}.{}.",
+                "{}.{}.c2ln",
                 b64(r#"{"alg":"none"}"#),
                 b64(claims(ISS).to_string())
             ),
         ),
+        "empty signature" => {
+            let t = sign(claims(ISS));
+            (vec![rule(&set)], t[..=t.rfind('.').unwrap()].to_string())
+        }
+        "doubled dot is skipped" => {
+            let t = sign(claims(ISS));
+            (vec![rule(&set)], t.replacen('.', "..", 1))
+        }
+        "ed25519 signature of the wrong length" => {
+            let ed = Key::ed25519();
+            let t = ed.sign("EdDSA", Some("e"), &claims(ISS));
+            (vec![rule(&jwks(&[ed.jwk("e", None)]))], format!("{t}AAAA"))
+        }
         "inline jwks without usable keys" => (vec![rule(r#"{"keys":[]}"#)], sign(claims(ISS))),
         "rule without issuer accepts any" => (
             vec![JwtRule {
@@ -171,6 +187,9 @@ fn scenario(name: &str) -> (Vec<JwtRule>, String) {
 #[test_case("no kid tries every key", Ok(()))]
 #[test_case("not three parts", Err((401, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections")))]
 #[test_case("alg none", Err((401, "Jwt header [alg] is not supported")))]
+#[test_case("empty signature", Err((401, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections")))]
+#[test_case("doubled dot is skipped", Ok(()))]
+#[test_case("ed25519 signature of the wrong length", Err((401, "Jwt ED25519 signature is wrong length")))]
 #[test_case("inline jwks without usable keys", Err((401, "Jwks doesn't have any valid public key")))]
 #[test_case("rule without issuer accepts any", Ok(()))]
 #[tokio::test]
