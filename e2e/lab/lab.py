@@ -41,6 +41,9 @@ PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 ISTIOD_IP = "10.100.0.1"
 VIP, VIP_PORT, APP_PORT = "10.96.0.20", 8000, 8080
+# The pods' resolv.conf names a cluster DNS address nothing listens on: captured pods are
+# answered by ztunnel's DNS proxy; nothing else resolves (the lab has no way out).
+CLUSTER_DNS = "10.96.0.10"
 TRUST_DOMAIN = "cluster.local"
 MARKER = "LAB-PLAINTEXT-MARKER-7f3a"
 CNI_PLUGINS = ["bridge", "host-local", "loopback", "portmap"]
@@ -245,12 +248,22 @@ class Lab:
 
     # -- topology ----------------------------------------------------------------------------
 
-    def add_netns(self, short):
+    def add_netns(self, short, dns_namespace=None):
         name = self.s.ns(short)
         self.s.d["netns"].append(name)
         self.s.save()
         run(["ip", "netns", "add", name])
         run(["ip", "-n", name, "link", "set", "lo", "up"])
+        if dns_namespace:
+            # `ip netns exec` bind-mounts /etc/netns/<name>/resolv.conf over /etc/resolv.conf:
+            # the pod's DNS config, as the kubelet writes it (ClusterFirst).
+            d = os.path.join("/etc/netns", name)
+            self.s.d.setdefault("etc_netns", []).append(d)
+            self.s.save()
+            os.makedirs(d, exist_ok=True)
+            write_atomic(os.path.join(d, "resolv.conf"),
+                         f"search {dns_namespace}.svc.cluster.local svc.cluster.local cluster.local\n"
+                         f"nameserver {CLUSTER_DNS}\noptions ndots:5\n")
         return name
 
     @staticmethod
@@ -368,6 +381,8 @@ class Lab:
 
     def start_node(self, n):
         node, d = f"node{n}", self.s.path_of(f"node{n}")
+        # ztunnel's own upstream for names the mesh does not know (nothing answers there).
+        write_atomic(self.s.path_of("resolv.conf"), f"nameserver {CLUSTER_DNS}\n")
         self.spawn(f"agent-{node}", self.s.ns(node), [os.path.join(BIN, "mesh-cni-agent")], {
             "NODE_NAME": node,
             "ZTUNNEL_UDS": os.path.join(d, "ztunnel.sock"),
@@ -375,8 +390,8 @@ class Lab:
             "POD_SOURCE": "files",
             "POD_SOURCE_DIR": self.s.path_of("cluster"),
             "HOST_NETNS": f"/run/netns/{self.s.ns(node)}",
-            # ztunnel has no DNS proxy on :15053 yet, so DNS is not captured (docs/lab.md).
-            "AMBIENT_DNS_CAPTURE": "false",
+            # Pods' UDP/TCP 53 goes to ztunnel's DNS proxy on localhost:15053.
+            "AMBIENT_DNS_CAPTURE": "true",
             "AMBIENT_IPV6": "false",
             "CHAINED_CNI_PLUGIN": "true",
             "CNI_BIN_DIR": os.path.join(d, "bin"),
@@ -403,6 +418,7 @@ class Lab:
             "POD_NAME": f"ztunnel-{node}", "POD_NAMESPACE": "istio-system",
             "INSTANCE_IP": f"10.100.{n}.2",
             "PRESERVE_SOURCE_IP": "true",
+            "DNS_RESOLV_CONF": self.s.path_of("resolv.conf"),
             "RUST_LOG": "info", "LOG_FORMAT": "plain",
         })
 
@@ -455,7 +471,7 @@ class Lab:
         self.s.save()
         # The API objects first (as the API server has them before the kubelet's CNI ADD).
         self.write_cluster()
-        self.add_netns(f"pod-{spec['name']}")
+        self.add_netns(f"pod-{spec['name']}", dns_namespace=spec["namespace"])
         args = (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={spec['namespace']};K8S_POD_NAME={spec['name']};"
                 f"K8S_POD_INFRA_CONTAINER_ID={cid};K8S_POD_UID={uid}")
         rt = self.runtime(node)
@@ -626,6 +642,15 @@ class Lab:
                 p = run(["ip", "netns", "del", ns], check=False)
                 if p.returncode != 0:
                     errors.append(f"ip netns del {ns}: {p.stderr.strip()}")
+        for d in self.s.d.get("etc_netns", []):
+            # Only the directories this lab created, by name.
+            try:
+                os.unlink(os.path.join(d, "resolv.conf"))
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                errors.append(f"removing {d}: {e}")
         return errors
 
 
@@ -722,6 +747,13 @@ def walkthrough(lab, say):
     code, body = lab.http(sleep["netns"], f"http://{httpbin['ip']}:{APP_PORT}/get")
     log(f"    HTTP {code} {body.strip()}")
     check(code == 200, "pod -> pod answered")
+
+    say("DNS: sleep's queries to its cluster DNS are captured and answered by ztunnel's DNS proxy (localhost:15053 in the pod)", [
+        f"$ ip netns exec {sleep['netns']} curl -s http://httpbin:{VIP_PORT}/get     (resolv.conf: nameserver {CLUSTER_DNS}, search demo.svc.cluster.local ...)"])
+    for host in ("httpbin", "httpbin.demo", "httpbin.demo.svc.cluster.local"):
+        code, body = lab.http(sleep["netns"], f"http://{host}:{VIP_PORT}/get", check=False)
+        log(f"    {host}: HTTP {code}")
+        check(code == 200, f"{host} resolved to the Service VIP by ztunnel and answered")
     payload = s.path_of("payload.bin")
     with open(payload, "w") as f:
         f.write((MARKER + "x" * 200 + "\n") * 1200)

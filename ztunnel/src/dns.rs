@@ -26,7 +26,7 @@ pub mod server;
 
 use std::{net::IpAddr, sync::Arc};
 
-use mesh_core::workload::{Service, Workload};
+use mesh_core::workload::Service;
 
 use crate::state::State;
 
@@ -101,24 +101,25 @@ impl Resolver {
         v
     }
 
-    /// Answers `name` (any case, trailing dot allowed) for `client`, or says to forward.
+    /// Answers `name` (any case, trailing dot allowed) for a client in namespace
+    /// `client_ns` (`None`: not a mesh workload), or says to forward.
     pub fn resolve(
         &self,
         state: &State,
-        client: Option<&Workload>,
+        client_ns: Option<&str>,
         name: &str,
         family: Family,
     ) -> Answer {
-        let Some(client) = client else {
+        let Some(ns) = client_ns else {
             return Answer::Forward;
         };
         let name = normalize(name);
         if name.is_empty() {
             return Answer::Forward;
         }
-        for alias in self.aliases(&client.namespace, &name) {
+        for alias in self.aliases(ns, &name) {
             for candidate in wildcards(&alias.name) {
-                let Some(svc) = self.best_service(state, &client.namespace, &candidate) else {
+                let Some(svc) = self.best_service(state, ns, &candidate) else {
                     continue;
                 };
                 let addrs = self.addresses(state, &svc, family);
@@ -299,7 +300,7 @@ mod tests {
 
     fn ask(name: &str, family: Family) -> Answer {
         let st = state();
-        let client = st.workload_by_uid("client");
+        let client = st.workload_by_uid("client").map(|w| w.namespace.clone());
         Resolver::new("cluster.local", vec![]).resolve(&st, client.as_deref(), name, family)
     }
 

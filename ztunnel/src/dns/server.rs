@@ -96,10 +96,16 @@ impl DnsMetrics {
 /// Who is asking: the pod whose namespace the server runs in, or whoever the source IP is.
 #[derive(Debug, Clone)]
 pub enum Client {
-    /// In-pod mode: the workload uid of the pod.
-    Pod(String),
+    /// In-pod mode: the pod as the node agent named it over ZDS.
+    Pod { namespace: String, name: String },
     /// Dedicated mode: look the source IP up in the state.
     BySourceIp,
+}
+
+/// The asking workload as far as DNS cares.
+struct Asker {
+    namespace: String,
+    workload: String,
 }
 
 /// What all DNS servers of one ztunnel share.
@@ -177,16 +183,24 @@ impl Handler {
             return None;
         }
         let client = match &self.client {
-            Client::Pod(uid) => self.state.read(|s| s.workload_by_uid(uid)),
+            Client::Pod { namespace, name } => Some(Asker {
+                namespace: namespace.clone(),
+                workload: name.clone(),
+            }),
             Client::BySourceIp => self
                 .state
-                .read(|s| s.workload_by_ip("", proxy::canonical_ip(src.ip()))),
+                .read(|s| s.workload_by_ip("", proxy::canonical_ip(src.ip())))
+                .map(|w| Asker {
+                    namespace: w.namespace.clone(),
+                    workload: w.workload_name.clone(),
+                }),
         };
+        let client = client.as_ref();
         let q = req.queries.first().cloned();
         let qtype = q.as_ref().map(|q| q.query_type());
         self.metrics
             .requests
-            .get_or_create(&labels(qtype, transport, client.as_deref()))
+            .get_or_create(&labels(qtype, transport, client))
             .inc();
         let family = match qtype {
             Some(RecordType::A) => Some(Family::V4),
@@ -195,8 +209,12 @@ impl Handler {
         };
         let answer = match (&q, family, req.metadata.op_code, req.queries.len()) {
             (Some(q), Some(family), OpCode::Query, 1) => self.state.read(|s| {
-                self.resolver
-                    .resolve(s, client.as_deref(), &q.name().to_ascii(), family)
+                self.resolver.resolve(
+                    s,
+                    client.map(|c| c.namespace.as_str()),
+                    &q.name().to_ascii(),
+                    family,
+                )
             }),
             _ => Answer::Forward,
         };
@@ -207,7 +225,7 @@ impl Handler {
                 encode(resp, &req, transport)
             }
             _ => {
-                let l = labels(qtype, transport, client.as_deref());
+                let l = labels(qtype, transport, client);
                 self.metrics.upstream_requests.get_or_create(&l).inc();
                 match self.forward(query, transport).await {
                     Ok(reply) => Some(reply),
@@ -303,16 +321,12 @@ async fn forward_tcp(up: SocketAddr, query: &[u8], mark: Option<u32>) -> io::Res
     Ok(buf)
 }
 
-fn labels(
-    qtype: Option<RecordType>,
-    transport: Transport,
-    client: Option<&mesh_core::workload::Workload>,
-) -> DnsLabels {
+fn labels(qtype: Option<RecordType>, transport: Transport, client: Option<&Asker>) -> DnsLabels {
     DnsLabels {
         request_query_type: qtype.map(|t| t.to_string()).unwrap_or_default(),
         request_protocol: transport.as_str().to_owned(),
-        source_workload: client.map(|w| w.workload_name.clone()).unwrap_or_default(),
-        source_workload_namespace: client.map(|w| w.namespace.clone()).unwrap_or_default(),
+        source_workload: client.map(|c| c.workload.clone()).unwrap_or_default(),
+        source_workload_namespace: client.map(|c| c.namespace.clone()).unwrap_or_default(),
     }
 }
 

@@ -157,7 +157,7 @@ impl WorkloadManager {
                 {
                     return Ok(());
                 }
-                let pod = self.start(&uid, &format!("{namespace}/{name}"), netns).map_err(|e| {
+                let pod = self.start(&uid, &namespace, &name, netns).map_err(|e| {
                     warn!(%uid, pod = %format!("{namespace}/{name}"), sa = %service_account, error = %e, "could not start the pod's proxies");
                     format!("starting proxies for {namespace}/{name}: {e}")
                 })?;
@@ -208,7 +208,14 @@ impl WorkloadManager {
     }
 
     /// Binds the pod's listeners in its netns and starts serving them.
-    fn start(&self, uid: &str, pod: &str, netns: InpodNetns) -> std::io::Result<PodProxy> {
+    fn start(
+        &self,
+        uid: &str,
+        namespace: &str,
+        name: &str,
+        netns: InpodNetns,
+    ) -> std::io::Result<PodProxy> {
+        let pod = format!("{namespace}/{name}");
         let netns_id = netns.id();
         let sf = NetnsSocketFactory {
             netns: Arc::new(netns),
@@ -229,7 +236,10 @@ impl WorkloadManager {
             ] {
                 let handler = Handler {
                     shared: shared.clone(),
-                    client: Client::Pod(uid.to_owned()),
+                    client: Client::Pod {
+                        namespace: namespace.to_owned(),
+                        name: name.to_owned(),
+                    },
                 };
                 match DnsServer::bind(&sf, addr, true, handler) {
                     Ok(s) => dns_servers.push(s),
