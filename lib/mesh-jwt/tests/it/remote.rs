@@ -228,3 +228,57 @@ async fn openid_discovery_when_only_the_issuer_is_given() {
     assert_eq!(auth(&a, &t).await, Ok(true));
     assert_eq!(s.total(), 2);
 }
+
+/// A self-signed certificate for 127.0.0.1: the server's config and a client trusting it.
+fn tls_pair() -> (
+    std::sync::Arc<rustls::ServerConfig>,
+    std::sync::Arc<rustls::ClientConfig>,
+) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = ck.cert.der().clone();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    (
+        std::sync::Arc::new(server),
+        mesh_jwt::client_config(roots).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn https_jwks_uri_with_rustls() {
+    let (server_cfg, client_cfg) = tls_pair();
+    let s = Server::start_tls(server_cfg).await;
+    let k = Key::p384();
+    s.serve(PATH, jwks(&[k.jwk("k1", None)]));
+    let r = JwtRule {
+        jwks_uri: s.https_url(PATH),
+        ..remote_rule(&s)
+    };
+    let t = k.sign("ES384", Some("k1"), &claims(ISS));
+    let a = Authenticator::with_options(
+        &[ra("r", vec![r.clone()])],
+        Options {
+            tls: Some(client_cfg),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(auth(&a, &t).await, Ok(true));
+    assert_eq!(s.hits(PATH), 1);
+    // The system roots do not know this certificate: the fetch fails, closed.
+    let untrusted = Authenticator::new(&[ra("r", vec![r])]).unwrap();
+    assert_eq!(
+        auth(&untrusted, &t).await,
+        Err("Jwks remote fetch is failed")
+    );
+    assert_eq!(s.hits(PATH), 1);
+}
