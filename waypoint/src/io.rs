@@ -31,11 +31,12 @@ fn h2_io(e: h2::Error) -> io::Error {
 /// One CONNECT stream as a byte pipe. `keep` holds whatever must live as long as the stream
 /// (the pool's stream accounting on the client side).
 pub struct H2Io {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    halves: Option<(SendStream<Bytes>, RecvStream)>,
     buf: Bytes,
     eof: bool,
-    _keep: Box<dyn Send + Sync>,
+    /// END_STREAM sent: our side is done writing.
+    shut: bool,
+    keep: Option<Box<dyn Send + Sync>>,
 }
 
 impl std::fmt::Debug for H2Io {
@@ -44,14 +45,18 @@ impl std::fmt::Debug for H2Io {
     }
 }
 
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed")
+}
+
 impl H2Io {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream, keep: Box<dyn Send + Sync>) -> Self {
         H2Io {
-            send,
-            recv,
+            halves: Some((send, recv)),
             buf: Bytes::new(),
             eof: false,
-            _keep: keep,
+            shut: false,
+            keep: Some(keep),
         }
     }
 
@@ -60,26 +65,54 @@ impl H2Io {
         if !self.buf.is_empty() {
             return Ok(Some(std::mem::take(&mut self.buf)));
         }
-        match self.recv.data().await {
+        let Some((_, recv)) = self.halves.as_mut() else {
+            return Err(gone());
+        };
+        match recv.data().await {
             None => {
                 self.eof = true;
                 Ok(None)
             }
             Some(Err(e)) => Err(h2_io(e)),
             Some(Ok(d)) => {
-                let _ = self.recv.flow_control().release_capacity(d.len());
+                let _ = recv.flow_control().release_capacity(d.len());
                 Ok(Some(d))
             }
         }
     }
 }
 
+/// How long a stream we finished writing waits for the peer's END_STREAM once its reader is
+/// gone, so queued DATA (a final error response, say) is flushed instead of discarded by a
+/// reset.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Drop for H2Io {
     fn drop(&mut self) {
-        // A stream dropped before END_STREAM both ways is cancelled, never left half open.
-        if !self.eof {
-            self.send.send_reset(h2::Reason::CANCEL);
+        let Some((mut send, mut recv)) = self.halves.take() else {
+            return;
+        };
+        if self.eof {
+            return;
         }
+        if !self.shut {
+            // Dropped mid-stream: cancel, never leave it half open.
+            send.send_reset(h2::Reason::CANCEL);
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let keep = self.keep.take();
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(LINGER, async {
+                while let Some(Ok(d)) = recv.data().await {
+                    let _ = recv.flow_control().release_capacity(d.len());
+                }
+            })
+            .await;
+            drop((send, keep));
+        });
     }
 }
 
@@ -91,17 +124,20 @@ impl AsyncRead for H2Io {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
+            let Some((_, recv)) = this.halves.as_mut() else {
+                return Poll::Ready(Err(gone()));
+            };
             if !this.buf.is_empty() {
                 let n = this.buf.len().min(out.remaining());
                 out.put_slice(&this.buf[..n]);
                 this.buf.advance(n);
-                let _ = this.recv.flow_control().release_capacity(n);
+                let _ = recv.flow_control().release_capacity(n);
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(this.recv.poll_data(cx)) {
+            match ready!(recv.poll_data(cx)) {
                 None => {
                     this.eof = true;
                     return Poll::Ready(Ok(()));
@@ -120,24 +156,21 @@ impl AsyncWrite for H2Io {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let Some((send, _)) = this.halves.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        this.send.reserve_capacity(data.len());
+        send.reserve_capacity(data.len());
         loop {
-            match ready!(this.send.poll_capacity(cx)) {
-                None => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "HBONE stream closed",
-                    )));
-                }
+            match ready!(send.poll_capacity(cx)) {
+                None => return Poll::Ready(Err(gone())),
                 Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
                 Some(Ok(0)) => continue,
                 Some(Ok(cap)) => {
                     let n = cap.min(data.len());
-                    this.send
-                        .send_data(Bytes::copy_from_slice(&data[..n]), false)
+                    send.send_data(Bytes::copy_from_slice(&data[..n]), false)
                         .map_err(h2_io)?;
                     return Poll::Ready(Ok(n));
                 }
@@ -151,11 +184,14 @@ impl AsyncWrite for H2Io {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match this.send.send_data(Bytes::new(), true) {
-            Ok(()) => Poll::Ready(Ok(())),
-            // Already ended or reset: nothing more to say.
-            Err(_) => Poll::Ready(Ok(())),
+        if let Some((send, _)) = this.halves.as_mut()
+            && !this.shut
+        {
+            // An error means the stream already ended or was reset: nothing more to say.
+            let _ = send.send_data(Bytes::new(), true);
+            this.shut = true;
         }
+        Poll::Ready(Ok(()))
     }
 }
 

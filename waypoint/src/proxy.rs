@@ -612,9 +612,8 @@ impl Proxy {
         };
         let backend: Backend = match route::pick_backend(&rule.backends, rand::random::<u64>()) {
             Some(b) => b.clone(),
-            None if rule.backends.is_empty() && entry.is_none() => {
-                default_rule_for(&svc).backends[0].clone()
-            }
+            // GAMMA: a rule without backendRefs forwards to the parent Service.
+            None if rule.backends.is_empty() => default_rule_for(&svc).backends[0].clone(),
             None => {
                 return local(
                     StatusCode::INTERNAL_SERVER_ERROR,

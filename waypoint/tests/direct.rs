@@ -1,0 +1,685 @@
+//! The whole path in-process on loopback, with real TLS everywhere:
+//! client → ztunnel A (SOCKS5 entry) → HBONE → waypoint → HBONE → ztunnel B → app.
+//! Each test owns a 127.N.0.0/24 block: .2 client + ztunnel A, .3 apps + ztunnel B,
+//! .5 the waypoint, .100+ service VIPs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{body::Frame, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+// ------------------------------------------------------------------ apps
+
+#[derive(Debug, Clone)]
+struct Hit {
+    app: String,
+    method: String,
+    path: String,
+    headers: HashMap<String, String>,
+}
+
+type Hits = Arc<Mutex<Vec<Hit>>>;
+
+type AppBody = BoxBody<Bytes, Infallible>;
+
+fn body(s: impl Into<Bytes>) -> AppBody {
+    Full::new(s.into()).boxed()
+}
+
+async fn app_handle(
+    name: String,
+    hits: Hits,
+    flaky: Arc<Mutex<u32>>,
+    mut req: Request<hyper::body::Incoming>,
+) -> Response<AppBody> {
+    let path = req.uri().path().to_string();
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+        .collect();
+    hits.lock().unwrap().push(Hit {
+        app: name.clone(),
+        method: req.method().to_string(),
+        path: path.clone(),
+        headers,
+    });
+    if let Some(code) = path.strip_prefix("/status/") {
+        let mut r = Response::new(body("status"));
+        *r.status_mut() = StatusCode::from_u16(code.parse().unwrap()).unwrap();
+        return r;
+    }
+    if path == "/flaky" {
+        let mut n = flaky.lock().unwrap();
+        *n += 1;
+        let mut r = Response::new(body(format!("try {n}")));
+        if *n == 1 {
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        }
+        return r;
+    }
+    if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        return Response::new(body("late"));
+    }
+    if path == "/ws" {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let up = on.await.unwrap();
+            let mut io = TokioIo::new(up);
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = io.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                io.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let mut r = Response::new(body(""));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        r.headers_mut()
+            .insert("connection", "Upgrade".parse().unwrap());
+        return r;
+    }
+    if path.starts_with("/echo.Echo/") {
+        let data = req.into_body().collect().await.unwrap().to_bytes();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("grpc-message", "ok".parse().unwrap());
+        let frames = vec![
+            Ok::<_, Infallible>(Frame::data(data)),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        return r;
+    }
+    let mut r = Response::new(body(format!("{name} {} {path}", req.method())));
+    r.headers_mut().insert("x-backend", name.parse().unwrap());
+    r
+}
+
+/// An HTTP/1.1 + HTTP/2 app on `ip`, recording every request into `hits`.
+async fn app(ip: IpAddr, name: &str, hits: Hits) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let name = name.to_string();
+    let flaky = Arc::new(Mutex::new(0));
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (name, hits, flaky) = (name.clone(), hits.clone(), flaky.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let (name, hits, flaky) = (name.clone(), hits.clone(), flaky.clone());
+                    async move { Ok::<_, Infallible>(app_handle(name, hits, flaky, req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+// ------------------------------------------------------------------ the lab
+
+struct Lab {
+    _dir: tempfile::TempDir,
+    net: u8,
+    a: ztunnel::app::Bound,
+    _b: ztunnel::app::Bound,
+    wp: waypoint::app::Bound,
+    hits: Hits,
+}
+
+fn ip(net: u8, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, net, 0, host))
+}
+
+fn mesh_yaml(net: u8, ports: &[u16; 4]) -> String {
+    let (c, s, w) = (ip(net, 2), ip(net, 3), ip(net, 5));
+    let [p1, p2, p3, p4] = ports;
+    let svc = |name: &str, vip: u8, sport: u16, tport: u16| {
+        format!(
+            "- name: {name}\n  namespace: foo\n  hostname: {name}.foo.svc.cluster.local\n  vips: [/{}]\n  ports: {{{sport}: {tport}}}\n  waypoint: {{destination: {{Address: /{w}}}, hboneMtlsPort: 15008}}\n",
+            ip(net, vip)
+        )
+    };
+    format!(
+        r#"workloads:
+- uid: bar/sleep
+  name: sleep
+  namespace: bar
+  serviceAccount: sleep
+  workloadIps: [{c}]
+  protocol: HBONE
+  node: node-a
+- uid: foo/echo
+  name: echo
+  namespace: foo
+  serviceAccount: echo
+  workloadIps: [{s}]
+  protocol: HBONE
+  node: node-b
+  services:
+    foo/echo.foo.svc.cluster.local: {{80: {p1}}}
+    foo/echo-v2.foo.svc.cluster.local: {{80: {p2}}}
+    foo/mirror.foo.svc.cluster.local: {{80: {p3}}}
+    foo/tcp-echo.foo.svc.cluster.local: {{9000: {p4}}}
+- uid: foo/waypoint
+  name: waypoint
+  namespace: foo
+  serviceAccount: waypoint
+  workloadIps: [{w}]
+  protocol: HBONE
+  node: node-w
+services:
+{}{}{}{}"#,
+        svc("echo", 100, 80, *p1),
+        svc("echo-v2", 101, 80, *p2),
+        svc("mirror", 102, 80, *p3),
+        svc("tcp-echo", 103, 9000, *p4),
+    )
+}
+
+const SERVICE_OBJECTS: &str = r#"
+- apiVersion: v1
+  kind: Service
+  metadata: {name: echo, namespace: foo}
+  spec: {ports: [{name: http, port: 80}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: tcp-echo, namespace: foo}
+  spec: {ports: [{name: tcp-echo, port: 9000}]}
+"#;
+
+impl Lab {
+    /// `objects`: YAML list items (each starting with `- `) added to the waypoint's file.
+    async fn new(net: u8, objects: &str) -> Lab {
+        mesh_test::raise_fd_limit();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        std::fs::create_dir(&ca).unwrap();
+        let pem = mesh_tls::ca::LocalCa::generate_pem("cluster.local").unwrap();
+        for (name, b) in pem.files() {
+            std::fs::write(ca.join(name), b).unwrap();
+        }
+        let hits: Hits = Arc::default();
+        let s = ip(net, 3);
+        let p1 = app(s, "echo", hits.clone()).await.port();
+        let p2 = app(s, "echo-v2", hits.clone()).await.port();
+        let p3 = app(s, "mirror", hits.clone()).await.port();
+        let p4 = mesh_test::echo(s).await.port();
+        let mesh = mesh_yaml(net, &[p1, p2, p3, p4]);
+        let zpath = dir.path().join("mesh.yaml");
+        std::fs::write(&zpath, &mesh).unwrap();
+        let wpath = dir.path().join("waypoint.yaml");
+        std::fs::write(
+            &wpath,
+            format!("waypoint: {{name: waypoint, namespace: foo}}\n{mesh}objects:\n{SERVICE_OBJECTS}{objects}\n"),
+        )
+        .unwrap();
+        let zt = |node: &str, host: u8| {
+            let args: Vec<String> = [
+                "ztunnel",
+                "--local-xds-path",
+                zpath.to_str().unwrap(),
+                "--local-ca-dir",
+                ca.to_str().unwrap(),
+                "--node-name",
+                node,
+                "--inbound-addr",
+                &format!("{}:15008", ip(net, host)),
+                "--outbound-addr",
+                &format!("{}:0", ip(net, host)),
+                "--inbound-plaintext-addr",
+                &format!("{}:0", ip(net, host)),
+                "--socks5-addr",
+                &format!("{}:0", ip(net, host)),
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--stats-addr",
+                "127.0.0.1:0",
+                "--readiness-addr",
+                "127.0.0.1:0",
+                "--packet-mark",
+                "0",
+                "--drain-deadline",
+                "1s",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            ztunnel::config::Args::try_parse_from(args)
+                .unwrap()
+                .validate()
+                .unwrap()
+        };
+        let a = ztunnel::app::build(zt("node-a", 2), None, tokio::runtime::Handle::current())
+            .await
+            .unwrap();
+        let b = ztunnel::app::build(zt("node-b", 3), None, tokio::runtime::Handle::current())
+            .await
+            .unwrap();
+        let wcfg = waypoint::config::Args::try_parse_from([
+            "waypoint",
+            "--config",
+            wpath.to_str().unwrap(),
+            "--local-ca-dir",
+            ca.to_str().unwrap(),
+            "--hbone-addr",
+            &format!("{}:15008", ip(net, 5)),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--stats-addr",
+            "127.0.0.1:0",
+            "--readiness-addr",
+            "127.0.0.1:0",
+            "--drain-deadline",
+            "1s",
+        ])
+        .unwrap()
+        .validate()
+        .unwrap();
+        let wp = waypoint::app::build(wcfg, None).await.unwrap();
+        for _ in 0..500 {
+            if a.ready.is_ready() && b.ready.is_ready() && wp.ready.is_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            wp.ready.is_ready(),
+            "waypoint not ready: {:?}",
+            wp.ready.pending()
+        );
+        Lab {
+            _dir: dir,
+            net,
+            a,
+            _b: b,
+            wp,
+            hits,
+        }
+    }
+
+    fn vip(&self, host: u8, port: u16) -> SocketAddr {
+        SocketAddr::new(ip(self.net, host), port)
+    }
+
+    /// A TCP stream from the client workload to `dst`, through ztunnel A's SOCKS5 entry.
+    async fn dial(&self, dst: SocketAddr) -> TcpStream {
+        mesh_test::socks_connect(self.a.addresses.socks5.unwrap(), ip(self.net, 2), dst)
+            .await
+            .unwrap()
+    }
+
+    async fn h1(&self, dst: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+        let s = self.dial(dst).await;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        send
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+async fn send(
+    c: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "echo.foo.svc.cluster.local");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    c.ready().await.unwrap();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.send_request(b.body(Full::new(Bytes::new())).unwrap()),
+    )
+    .await
+    .expect("request timed out")
+    .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+const ROUTE_HEAD: &str = "- apiVersion: gateway.networking.k8s.io/v1\n  kind: HTTPRoute\n";
+
+// ------------------------------------------------------------------ tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_allows_and_denies_by_method_path_and_header() {
+    let lab = Lab::new(
+        60,
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: public-get, namespace: foo}
+  spec:
+    targetRefs: [{kind: Service, group: "", name: echo}]
+    rules:
+    - from: [{source: {principals: [cluster.local/ns/bar/sa/sleep]}}]
+      to: [{operation: {methods: [GET], paths: ["/public/*"]}}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: block-header, namespace: foo}
+  spec:
+    targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+    action: DENY
+    rules:
+    - when: [{key: "request.headers[x-block]", values: ["yes"]}]
+"#,
+    )
+    .await;
+    let mut c = lab.h1(lab.vip(100, 80)).await;
+    let r = send(&mut c, "GET", "/public/a", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.starts_with("echo GET /public/a"));
+    let r = send(&mut c, "POST", "/public/a", &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"));
+    let r = send(&mut c, "GET", "/private", &[]).await;
+    assert_eq!(r.status, 403);
+    let r = send(&mut c, "GET", "/public/a", &[("x-block", "yes")]).await;
+    assert_eq!(r.status, 403);
+    // The same keep-alive connection still works after denials.
+    assert_eq!(send(&mut c, "GET", "/public/b", &[]).await.status, 200);
+    // The server saw the waypoint's identity and only the allowed requests.
+    let seen: Vec<String> = lab
+        .hits()
+        .iter()
+        .map(|h| format!("{} {}", h.method, h.path))
+        .collect();
+    assert_eq!(seen, vec!["GET /public/a", "GET /public/b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_backends_split_90_10() {
+    let lab = Lab::new(61, &format!(
+        "{ROUTE_HEAD}  metadata: {{name: split, namespace: foo}}\n  spec:\n    parentRefs: [{{group: \"\", kind: Service, name: echo, port: 80}}]\n    rules:\n    - backendRefs: [{{name: echo, port: 80, weight: 90}}, {{name: echo-v2, port: 80, weight: 10}}]\n"
+    ))
+    .await;
+    let n = 2000;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut c = lab.h1(lab.vip(100, 80)).await;
+        tasks.push(tokio::spawn(async move {
+            let mut v2 = 0;
+            for _ in 0..n / 4 {
+                let r = send(&mut c, "GET", "/", &[]).await;
+                assert_eq!(r.status, 200);
+                if r.headers["x-backend"] == "echo-v2" {
+                    v2 += 1;
+                }
+            }
+            v2
+        }));
+    }
+    let mut v2 = 0;
+    for t in tasks {
+        v2 += t.await.unwrap();
+    }
+    let share = v2 as f64 / n as f64;
+    assert!(
+        (0.07..=0.13).contains(&share),
+        "echo-v2 got {v2} of {n} ({share:.3})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_is_retried_and_the_server_sees_both_tries() {
+    let lab = Lab::new(62, "").await;
+    let mut c = lab.h1(lab.vip(100, 80)).await;
+    let r = send(&mut c, "GET", "/flaky", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, "try 2");
+    let tries = lab.hits().iter().filter(|h| h.path == "/flaky").count();
+    assert_eq!(tries, 2);
+    // A persistent 503 is tried 1 + 2 times (Istio's default), then returned.
+    let r = send(&mut c, "GET", "/status/503", &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        lab.hits()
+            .iter()
+            .filter(|h| h.path == "/status/503")
+            .count(),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_returns_504() {
+    let lab = Lab::new(63, &format!(
+        "{ROUTE_HEAD}  metadata: {{name: slow, namespace: foo}}\n  spec:\n    parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n    rules:\n    - timeouts: {{request: 200ms}}\n      backendRefs: [{{name: echo, port: 80}}]\n"
+    ))
+    .await;
+    let mut c = lab.h1(lab.vip(100, 80)).await;
+    let t0 = std::time::Instant::now();
+    let r = send(&mut c, "GET", "/delay/3000", &[]).await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(send(&mut c, "GET", "/delay/1", &[]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_delivers_a_copy_and_filters_edit_headers() {
+    let lab = Lab::new(64, &format!(
+        "{ROUTE_HEAD}  metadata: {{name: m, namespace: foo}}\n  spec:\n    parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n    rules:\n    - filters:\n      - {{type: RequestMirror, requestMirror: {{backendRef: {{name: mirror, port: 80}}}}}}\n      - {{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-added, value: yes}}], remove: [x-drop]}}}}\n      - {{type: ResponseHeaderModifier, responseHeaderModifier: {{add: [{{name: x-resp, value: wp}}]}}}}\n      backendRefs: [{{name: echo, port: 80}}]\n"
+    ))
+    .await;
+    let mut c = lab.h1(lab.vip(100, 80)).await;
+    let r = send(&mut c, "GET", "/copy-me", &[("x-drop", "1")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-resp"], "wp");
+    let mut mirrored = None;
+    for _ in 0..200 {
+        mirrored = lab.hits().into_iter().find(|h| h.app == "mirror");
+        if mirrored.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let m = mirrored.expect("mirror got no copy");
+    assert_eq!(m.path, "/copy-me");
+    assert!(m.headers["host"].ends_with("-shadow"), "{:?}", m.headers);
+    let main = lab.hits().into_iter().find(|h| h.app == "echo").unwrap();
+    assert_eq!(main.headers.get("x-added").map(String::as_str), Some("yes"));
+    assert!(!main.headers.contains_key("x-drop"));
+    assert!(main.headers.contains_key("traceparent"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_rate_limit_returns_429() {
+    let lab = Lab::new(65, &format!(
+        "{ROUTE_HEAD}  metadata:\n    name: limited\n    namespace: foo\n    annotations: {{waypoint.mesh.io/rate-limit-requests: \"3\", waypoint.mesh.io/rate-limit-interval: 60s}}\n  spec:\n    parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n"
+    ))
+    .await;
+    let mut c = lab.h1(lab.vip(100, 80)).await;
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(send(&mut c, "GET", "/", &[]).await.status);
+    }
+    assert_eq!(codes, vec![200, 200, 200, 429, 429]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_passes_and_grpc_trailers_arrive() {
+    let lab = Lab::new(66, "").await;
+    let s = lab.dial(lab.vip(100, 80)).await;
+    let (mut c, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(s),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for i in 0..3 {
+        let req = Request::builder()
+            .method("POST")
+            .uri("http://echo.foo.svc.cluster.local/echo.Echo/Say")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from(format!("hello {i}"))))
+            .unwrap();
+        let resp = c.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("no trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), format!("hello {i}"));
+    }
+    let req = Request::builder()
+        .uri("http://echo.foo.svc.cluster.local/plain")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.headers()["x-backend"], "echo");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_passes() {
+    let lab = Lab::new(67, "").await;
+    let mut c = lab.h1(lab.vip(100, 80)).await;
+    let req = Request::builder()
+        .uri("/ws")
+        .header("host", "echo")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let up = hyper::upgrade::on(resp).await.unwrap();
+    let mut io = TokioIo::new(up);
+    io.write_all(b"ping over the upgrade").await.unwrap();
+    let mut buf = vec![0u8; 21];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping over the upgrade");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_requests_fail_alone() {
+    let lab = Lab::new(68, "").await;
+    let mut good = lab.h1(lab.vip(100, 80)).await;
+    assert_eq!(send(&mut good, "GET", "/", &[]).await.status, 200);
+    // A broken header line.
+    let mut bad = lab.dial(lab.vip(100, 80)).await;
+    bad.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nthis is not a header\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    // A head over the limit.
+    let mut big = lab.dial(lab.vip(100, 80)).await;
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let _ = big.write_all(huge.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 431") || text.starts_with("HTTP/1.1 400"),
+        "{text}"
+    );
+    // The well-behaved client is unaffected.
+    assert_eq!(send(&mut good, "GET", "/after", &[]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_port_is_relayed_opaquely_and_invalid_routes_are_reported() {
+    let lab = Lab::new(69, &format!(
+        "{ROUTE_HEAD}  metadata: {{name: broken, namespace: foo}}\n  spec:\n    parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n    rules: [{{matches: [{{path: {{type: RegularExpression, value: \"(\"}}}}]}}]\n{ROUTE_HEAD}  metadata: {{name: redirect, namespace: foo}}\n  spec:\n    parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n    rules:\n    - matches: [{{path: {{type: PathPrefix, value: /old}}}}]\n      filters: [{{type: RequestRedirect, requestRedirect: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}, statusCode: 301}}}}]\n    - backendRefs: [{{name: echo, port: 80}}]\n"
+    ))
+    .await;
+    // Non-HTTP bytes on a tcp-named port: relayed untouched.
+    let s = lab.dial(lab.vip(103, 9000)).await;
+    let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    let back = mesh_test::round_trip(s, &data).await.unwrap();
+    assert_eq!(back, data);
+    // The broken route is reported; the valid one serves.
+    let (status, dump) = mesh_test::http_get(lab.wp.addresses.admin, "/config_dump").await;
+    assert_eq!(status, 200);
+    assert!(
+        dump.contains("HTTPRoute foo/broken: spec.rules[0].matches[0].path.value"),
+        "{dump}"
+    );
+    let mut c = lab.h1(lab.vip(100, 80)).await;
+    let r = send(&mut c, "GET", "/old/x?q=1", &[]).await;
+    assert_eq!(r.status, 301);
+    assert_eq!(
+        r.headers["location"],
+        "http://echo.foo.svc.cluster.local/new/x?q=1"
+    );
+    assert_eq!(send(&mut c, "GET", "/other", &[]).await.status, 200);
+    // Istio-named metrics with the waypoint as reporter.
+    let (_, metrics) = mesh_test::http_get(lab.wp.addresses.stats, "/metrics").await;
+    assert!(
+        metrics.contains("istio_requests_total{reporter=\"waypoint\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("response_code=\"301\""), "{metrics}");
+    assert!(
+        metrics.contains("source_principal=\"spiffe://cluster.local/ns/bar/sa/sleep\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("istio_request_duration_milliseconds_bucket"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("istio_tcp_connections_opened_total"),
+        "{metrics}"
+    );
+}
