@@ -7,9 +7,9 @@
 //!
 //! Key source per rule, as istiod's default (`PILOT_JWT_ENABLE_REMOTE_JWKS=istiod`) resolves
 //! it: inline `jwks` if set; else `jwksUri`; else the issuer's OpenID discovery document. An
-//! inline `jwks` without a usable key is accepted with a [`ConfigWarning`] and rejects that
-//! rule's tokens with "Jwks doesn't have any valid public key" (Envoy logs and fails closed
-//! the same way).
+//! inline `jwks` that is not a key set is an error (the webhook parses it); one whose keys are
+//! all unusable is accepted with a [`ConfigWarning`] and rejects that rule's tokens with
+//! "Jwks doesn't have any valid public key" (Envoy logs and fails closed the same way).
 
 use std::{sync::Arc, time::Duration};
 
@@ -20,7 +20,7 @@ use crate::{
     error::{ConfigError, ConfigWarning},
     extract::Locations,
     fetch::{JwksStore, Remote, Source},
-    jwks::KeySet,
+    jwks::{JwksError, KeySet},
     output::{ClaimHeader, Outputs},
     token::sanitize_audience,
 };
@@ -212,6 +212,10 @@ fn provider(
     let keys = if !rule.jwks.is_empty() {
         match KeySet::parse(&rule.jwks) {
             Ok(k) => Keys::Inline(Arc::new(k)),
+            // The webhook parses `jwks` (`jwk.Parse`) and rejects what is not a key set.
+            Err(e @ (JwksError::ParseError | JwksError::NoKeys | JwksError::BadKeys)) => {
+                return Err(err(o, f("jwks"), format!("jwks parse error: {e}")));
+            }
             Err(e) => {
                 let w = ConfigWarning {
                     object: object.clone(),

@@ -447,6 +447,8 @@ async fn cors_preflight_is_not_authenticated() {
 #[test_case(JwtRule { timeout: Some("5".into()), ..rule("{}") }, "spec.jwtRules[0].timeout", "not a positive duration" ; "timeout without unit")]
 #[test_case(JwtRule { output_payload_to_header: "a b".into(), ..rule("{}") }, "spec.jwtRules[0].outputPayloadToHeader", "not a valid HTTP header name" ; "payload header")]
 #[test_case(JwtRule { output_claim_to_headers: vec![claim_header("x", "")], ..rule("{}") }, "spec.jwtRules[0].outputClaimToHeaders[0]", "must be non-empty string" ; "claim header")]
+#[test_case(rule("not json"), "spec.jwtRules[0].jwks", "jwks parse error: Jwks is an invalid JSON" ; "inline jwks not json")]
+#[test_case(rule(r#"{"kid":"x"}"#), "spec.jwtRules[0].jwks", "jwks parse error: Jwks does not have [keys] field" ; "inline jwks without keys")]
 #[test_case(JwtRule { jwks: String::new(), issuer: "not-a-url".into(), ..rule("") }, "spec.jwtRules[0].issuer", "OpenID discovery" ; "issuer not a url without jwks")]
 fn config_errors_name_object_and_field(r: JwtRule, field: &str, message: &str) {
     let e = Authenticator::new(&[ra("bad", vec![r])]).unwrap_err();
@@ -458,7 +460,7 @@ fn config_errors_name_object_and_field(r: JwtRule, field: &str, message: &str) {
 
 #[test]
 fn webhook_rejections_beyond_rules_are_errors() {
-    let mut r = ra("sel", vec![rule("{}")]);
+    let mut r = ra("sel", vec![rule(r#"{"keys":[]}"#)]);
     r.spec.selector = Some(Default::default());
     r.spec.target_refs = vec![mesh_policy::model::TargetRef {
         kind: "Service".into(),
@@ -470,9 +472,13 @@ fn webhook_rejections_beyond_rules_are_errors() {
 }
 
 #[test]
-fn unusable_inline_jwks_is_a_warning() {
-    let a = Authenticator::new(&[ra("w", vec![rule("not json")])]).unwrap();
+fn unusable_inline_jwks_keys_are_a_warning() {
+    let a = Authenticator::new(&[ra("w", vec![rule(r#"{"keys":[{"kty":"XYZ"}]}"#)])]).unwrap();
     assert_eq!(a.warnings().len(), 1);
     assert_eq!(a.warnings()[0].field, "spec.jwtRules[0].jwks");
-    assert!(a.warnings()[0].message.contains("Jwks is an invalid JSON"));
+    assert!(
+        a.warnings()[0]
+            .message
+            .contains("Jwks doesn't have any valid public key")
+    );
 }
