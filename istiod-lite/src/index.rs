@@ -25,8 +25,9 @@ pub const KUBE_KINDS: [&str; 5] = [
     "DestinationRule",
 ];
 
-/// A Kubernetes object as the user wrote it: its JSON without `status` and without
-/// `metadata.managedFields`.
+/// A Kubernetes object as the user wrote it: its JSON without `status`, without
+/// `metadata.managedFields` and without `metadata.resourceVersion` (which changes on every
+/// status write: dropping it means a status-only change pushes nothing to waypoints).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeObject {
     pub api_version: String,
@@ -56,6 +57,7 @@ impl KubeObject {
             .and_then(|m| m.as_object_mut())
             .ok_or_else(|| format!("{at}: no metadata"))?;
         meta.remove("managedFields");
+        meta.remove("resourceVersion");
         let name = meta
             .get("name")
             .and_then(|n| n.as_str())

@@ -4,7 +4,9 @@
 //!  manifests dir ─┐                       ┌─► delta ADS (Address, Authorization) ─► ztunnels
 //!  kube watches ──┴─► Index ─► translate ─┤
 //!                     (apply/   (pure)    └─► CA: CreateCertificate (token → node rule)
-//!                      delete/reset)
+//!                      delete/reset) ──────────► delta ADS (KubeObject, verbatim) ─► waypoints
+//!                        │
+//!                        └─► deploy: waypoint Gateways → SA/Deployment/Service + status (SSA)
 //! ```
 //!
 //! Every push is a new immutable [`xds::Snapshot`]; each xDS stream diffs it against what its

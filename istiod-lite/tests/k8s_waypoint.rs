@@ -2,13 +2,14 @@
 //! Gateway of class `istio-waypoint` gets its ServiceAccount, Deployment and Service (owned by
 //! it, Istio's labels and ports, written by server-side apply as `istiod-lite`), objects
 //! deleted or edited by someone else come back, and the Gateway's status gets its addresses and
-//! `Accepted`/`Programmed` conditions.
+//! `Accepted`/`Programmed` conditions. Waypoints get routes, policies and DestinationRules as
+//! written (`mesh.config.v1.KubeObject`) over delta xDS.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use common::*;
 use k8s_openapi::api::{
@@ -19,6 +20,15 @@ use kube::{
     Api,
     api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams},
 };
+use mesh_proto::{
+    envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node,
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    },
+    mesh::config::v1::KubeObject,
+    type_url,
+};
+use prost::Message;
 use serde_json::json;
 
 fn gateway_resource() -> ApiResource {
@@ -274,4 +284,256 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
             .get("status")
             .is_none_or(|s| s.get("conditions").is_none())
     );
+}
+
+/// A delta ADS client subscribed to `mesh.config.v1.KubeObject`, as a waypoint would be.
+struct KubeXds {
+    tx: tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: tonic::Streaming<DeltaDiscoveryResponse>,
+    held: BTreeMap<String, serde_json::Value>,
+    removed: Vec<String>,
+}
+
+impl KubeXds {
+    async fn connect(c: &Cluster, cp: &istiod_lite::app::Bound, token: &str) -> KubeXds {
+        let mut client = AggregatedDiscoveryServiceClient::new(
+            ztunnel::controlplane::channel(&c.control_plane(cp)).unwrap(),
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: "waypoint~127.0.0.1~waypoint-0.mesh-k8s-kube~mesh-k8s-kube.svc.cluster.local"
+                    .into(),
+                ..Default::default()
+            }),
+            type_url: type_url::KUBE_OBJECT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let rx = client
+            .delta_aggregated_resources(
+                c.credentials("waypoint", token)
+                    .request(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        KubeXds {
+            tx,
+            rx,
+            held: BTreeMap::new(),
+            removed: Vec::new(),
+        }
+    }
+
+    /// One response, applied and ACKed; returns the names it carried.
+    async fn next(&mut self) -> Vec<String> {
+        let r = tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("no xDS response in time")
+            .unwrap()
+            .expect("xDS stream ended");
+        assert_eq!(r.type_url, type_url::KUBE_OBJECT);
+        let mut names = Vec::new();
+        for res in &r.resources {
+            let any = res.resource.as_ref().unwrap();
+            assert_eq!(any.type_url, type_url::KUBE_OBJECT);
+            let o = KubeObject::decode(any.value.as_slice()).unwrap();
+            assert_eq!(res.name, format!("{}/{}/{}", o.kind, o.namespace, o.name));
+            let v: serde_json::Value = serde_json::from_slice(&o.json).unwrap();
+            assert_eq!(v["apiVersion"], o.api_version.as_str());
+            assert_eq!(v["kind"], o.kind.as_str());
+            self.held.insert(res.name.clone(), v);
+            names.push(res.name.clone());
+        }
+        for n in &r.removed_resources {
+            self.held.remove(n);
+            self.removed.push(n.clone());
+        }
+        self.tx
+            .send(DeltaDiscoveryRequest {
+                type_url: r.type_url.clone(),
+                response_nonce: r.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        names
+    }
+}
+
+fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+async fn create_dynamic(c: &Cluster, ns: &str, ar: &ApiResource, body: serde_json::Value) {
+    let api: Api<DynamicObject> = Api::namespaced_with(c.client(), ns, ar);
+    let mut body = body;
+    body["apiVersion"] = json!(ar.api_version);
+    body["kind"] = json!(ar.kind);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(body).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoints_get_routes_and_policies_as_written_over_delta_xds() {
+    let Some(c) = Cluster::up("waypoints_get_routes_and_policies_as_written_over_delta_xds").await
+    else {
+        return;
+    };
+    c.install_crds().await;
+    let ns = "mesh-k8s-kube";
+    c.namespace(ns, true).await;
+    c.service_account(ns, "waypoint").await;
+    let wp = c
+        .pod(
+            ns,
+            "waypoint-0",
+            "waypoint",
+            "node-a",
+            json!({"app": "waypoint"}),
+        )
+        .await;
+    let http = resource("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes");
+    let grpc = resource("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes");
+    let dr = resource(
+        "networking.istio.io",
+        "v1",
+        "DestinationRule",
+        "destinationrules",
+    );
+    let ra = resource(
+        "security.istio.io",
+        "v1",
+        "RequestAuthentication",
+        "requestauthentications",
+    );
+    let ap = resource(
+        "security.istio.io",
+        "v1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    );
+    let route_spec = json!({"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                            "rules": [{"backendRefs": [{"name": "reviews-v1", "port": 9080}]}]});
+    create_dynamic(
+        &c,
+        ns,
+        &http,
+        json!({"metadata": {"name": "reviews"}, "spec": route_spec}),
+    )
+    .await;
+    create_dynamic(
+        &c,
+        ns,
+        &grpc,
+        json!({"metadata": {"name": "grpc"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "grpc"}]}}),
+    )
+    .await;
+    create_dynamic(
+        &c,
+        ns,
+        &dr,
+        json!({"metadata": {"name": "reviews"},
+        "spec": {"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}}),
+    )
+    .await;
+    create_dynamic(
+        &c,
+        ns,
+        &ra,
+        json!({"metadata": {"name": "jwt"},
+        "spec": {"jwtRules": [{"issuer": "https://issuer.example"}]}}),
+    )
+    .await;
+    create_dynamic(
+        &c,
+        ns,
+        &ap,
+        json!({"metadata": {"name": "allow-get"},
+        "spec": {"targetRefs": [{"kind": "Service", "group": "", "name": "reviews"}],
+                 "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}}),
+    )
+    .await;
+
+    let cp = c.istiod().await;
+    let token = c.token(ns, "waypoint", &wp, "istio-ca").await;
+    let mut xds = KubeXds::connect(&c, &cp, &token).await;
+    // Everything existed before istiod-lite started: the first answer holds all of it.
+    let first = xds.next().await;
+    let want = [
+        format!("AuthorizationPolicy/{ns}/allow-get"),
+        format!("DestinationRule/{ns}/reviews"),
+        format!("GRPCRoute/{ns}/grpc"),
+        format!("HTTPRoute/{ns}/reviews"),
+        format!("RequestAuthentication/{ns}/jwt"),
+    ];
+    assert_eq!(
+        xds.held.keys().cloned().collect::<Vec<_>>(),
+        want,
+        "{first:?}"
+    );
+    let route = &xds.held[&want[3]];
+    assert_eq!(route["spec"], route_spec, "the spec as written");
+    assert_eq!(route["metadata"]["namespace"], ns);
+    assert!(route["metadata"].get("managedFields").is_none(), "{route}");
+    assert!(route.get("status").is_none(), "{route}");
+    assert_eq!(
+        xds.held[&want[0]]["spec"]["rules"][0]["to"][0]["operation"]["methods"][0],
+        "GET"
+    );
+
+    // A status-only change sends nothing; a spec change sends that object alone.
+    let routes: Api<DynamicObject> = Api::namespaced_with(c.client(), ns, &http);
+    routes
+        .patch_status(
+            "reviews",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"parents": []}})),
+        )
+        .await
+        .unwrap();
+    let grpcs: Api<DynamicObject> = Api::namespaced_with(c.client(), ns, &grpc);
+    grpcs
+        .patch(
+            "grpc",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"hostnames": ["grpc.example"]}})),
+        )
+        .await
+        .unwrap();
+    let changed = xds.next().await;
+    assert_eq!(changed, [format!("GRPCRoute/{ns}/grpc")]);
+    assert_eq!(
+        xds.held[&changed[0]]["spec"]["hostnames"][0],
+        "grpc.example"
+    );
+
+    // A deletion arrives as removed_resources.
+    let drs: Api<DynamicObject> = Api::namespaced_with(c.client(), ns, &dr);
+    drs.delete("reviews", &DeleteParams::default())
+        .await
+        .unwrap();
+    let gone = format!("DestinationRule/{ns}/reviews");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !xds.removed.contains(&gone) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no removal of {gone}"
+        );
+        xds.next().await;
+    }
+    assert_eq!(xds.held.len(), 4);
 }

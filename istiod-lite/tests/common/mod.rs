@@ -104,6 +104,17 @@ impl Cluster {
         Some(c)
     }
 
+    /// kubectl 1.20 from the cache, on this cluster.
+    pub fn kubectl(&self, args: &[&str]) -> std::process::Output {
+        let k8s_dir =
+            std::env::var("MESH_K8S_DIR").unwrap_or_else(|_| "/var/cache/mesh-k8s".into());
+        Command::new(Path::new(&k8s_dir).join("bin/kubectl"))
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     pub fn client(&self) -> Client {
         self.client.clone().unwrap()
     }
@@ -264,10 +275,15 @@ impl Cluster {
 
     /// istiod-lite on this cluster; returns once every watch has listed.
     pub async fn istiod(&self) -> istiod_lite::app::Bound {
+        self.istiod_with(&self.kubeconfig.clone()).await
+    }
+
+    /// istiod-lite reaching the cluster through `kubeconfig` (e.g. one that impersonates).
+    pub async fn istiod_with(&self, kubeconfig: &Path) -> istiod_lite::app::Bound {
         let args = istiod_lite::config::Args::try_parse_from([
             "istiod-lite".to_owned(),
             "--kubeconfig".into(),
-            self.kubeconfig.display().to_string(),
+            kubeconfig.display().to_string(),
             "--ca-dir".into(),
             self.dir.path().join("ca").display().to_string(),
             "--grpc-addr".into(),
