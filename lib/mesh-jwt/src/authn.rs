@@ -27,6 +27,7 @@
 //! `outputClaimToHeaders`) are removed from the request, so only this filter can set them.
 
 use std::{
+    borrow::Borrow,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -101,15 +102,16 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// Build from the RequestAuthentications that apply (in the order istiod would list them),
-    /// with default [`Options`].
-    pub fn new<'a>(
-        policies: impl IntoIterator<Item = &'a RequestAuthentication>,
+    /// with default [`Options`]. Takes `&[RequestAuthentication]`, `Vec<&RequestAuthentication>`
+    /// (what `mesh_policy::scope::waypoint_request_authentications` returns) and the like.
+    pub fn new(
+        policies: impl IntoIterator<Item = impl Borrow<RequestAuthentication>>,
     ) -> Result<Self, ConfigError> {
         Self::with_options(policies, Options::default())
     }
 
-    pub fn with_options<'a>(
-        policies: impl IntoIterator<Item = &'a RequestAuthentication>,
+    pub fn with_options(
+        policies: impl IntoIterator<Item = impl Borrow<RequestAuthentication>>,
         opts: Options,
     ) -> Result<Self, ConfigError> {
         if jsonwebtoken::crypto::CryptoProvider::try_get_default().is_none() {

@@ -11,7 +11,7 @@
 //! all unusable is accepted with a [`ConfigWarning`] and rejects that rule's tokens with
 //! "Jwks doesn't have any valid public key" (Envoy logs and fails closed the same way).
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Borrow, sync::Arc, time::Duration};
 
 use http::{HeaderName, Uri};
 use mesh_policy::model::{JwtRule, RequestAuthentication};
@@ -268,13 +268,14 @@ fn provider(
 }
 
 /// Every provider of `policies`, in order, or the first error.
-pub(crate) fn providers<'a>(
-    policies: impl IntoIterator<Item = &'a RequestAuthentication>,
+pub(crate) fn providers(
+    policies: impl IntoIterator<Item = impl Borrow<RequestAuthentication>>,
     store: &JwksStore,
 ) -> Result<(Vec<Provider>, Vec<ConfigWarning>), ConfigError> {
     let mut out = Vec::new();
     let mut warnings = Vec::new();
     for ra in policies {
+        let ra = ra.borrow();
         for (i, rule) in ra.spec.jwt_rules.iter().enumerate() {
             out.push(provider(ra, i, rule, store, &mut warnings)?);
         }

@@ -385,8 +385,10 @@ fn two_issuers() -> (Authenticator, Key, Key) {
         jwks: jwks(&[k2.jwk("k2", None)]),
         ..Default::default()
     };
-    // Two objects, one rule each: rules of every applicable object are merged.
-    let a = Authenticator::new(&[ra("one", vec![r1]), ra("two", vec![r2])]).unwrap();
+    // Two objects, one rule each: rules of every applicable object are merged. A list of
+    // references is what `mesh_policy::scope::waypoint_request_authentications` returns.
+    let (one, two) = (ra("one", vec![r1]), ra("two", vec![r2]));
+    let a = Authenticator::new(vec![&one, &two]).unwrap();
     (a, k1, k2)
 }
 
