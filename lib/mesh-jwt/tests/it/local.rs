@@ -484,3 +484,53 @@ fn unusable_inline_jwks_keys_are_a_warning() {
             .contains("Jwks doesn't have any valid public key")
     );
 }
+
+#[tokio::test]
+async fn only_the_accepting_rule_writes_its_outputs() {
+    let (k1, k2) = (Key::p256(), Key::p384());
+    let r1 = JwtRule {
+        from_headers: vec![header("x-a", "")],
+        output_payload_to_header: "x-p1".into(),
+        ..rule(&jwks(&[k1.jwk("k1", None)]))
+    };
+    let r2 = JwtRule {
+        issuer: ISS2.into(),
+        jwks: jwks(&[k2.jwk("k2", None)]),
+        output_payload_to_header: "x-p2".into(),
+        ..Default::default()
+    };
+    let a = authn(vec![r1, r2]);
+    let t2 = k2.sign("ES384", Some("k2"), &claims(ISS2));
+    let (r, h) = check(&a, &[("authorization", &bearer(&t2))], "/").await;
+    assert_eq!(r.unwrap().unwrap().iss, ISS2);
+    assert!(h.contains_key("x-p2") && !h.contains_key("x-p1"));
+    assert!(!h.contains_key("authorization"));
+
+    let t1 = k1.sign("ES256", Some("k1"), &claims(ISS));
+    let (r, h) = check(&a, &[("x-a", &t1)], "/").await;
+    assert_eq!(r.unwrap().unwrap().iss, ISS);
+    assert!(h.contains_key("x-p1") && !h.contains_key("x-p2"));
+    assert!(!h.contains_key("x-a"));
+
+    // The rule-one token in rule two's location: rule two says "wrong issuer".
+    let (r, _) = check(&a, &[("authorization", &bearer(&t1))], "/").await;
+    assert_eq!(r.unwrap_err().body(), "Jwt issuer is not configured");
+}
+
+#[tokio::test]
+async fn with_several_accepted_tokens_the_first_found_is_the_principal() {
+    let k = Key::p256();
+    let a = authn(vec![rule(&jwks(&[k.jwk("k1", None)]))]);
+    let mut c = claims(ISS);
+    c["sub"] = json!("from-header");
+    let in_header = k.sign("ES256", Some("k1"), &c);
+    c["sub"] = json!("from-param");
+    let in_param = k.sign("ES256", Some("k1"), &c);
+    let (r, _) = check(
+        &a,
+        &[("authorization", &bearer(&in_header))],
+        &format!("/?access_token={in_param}"),
+    )
+    .await;
+    assert_eq!(r.unwrap().unwrap().sub, "from-header");
+}
