@@ -106,6 +106,8 @@ pub async fn build(cfg: Config, log: Option<LogHandle>) -> anyhow::Result<Bound>
         upstream,
         metrics,
         limiter: Limiter::default(),
+        jwks: mesh_jwt::JwksStore::default(),
+        authenticators: Default::default(),
     });
 
     let (shutdown_tx, shutdown_rx) = mpsc::channel(1);

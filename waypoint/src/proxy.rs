@@ -10,6 +10,7 @@
 //! ```
 
 use std::{
+    collections::HashMap,
     pin::Pin,
     sync::{
         Arc,
@@ -47,6 +48,10 @@ pub struct Proxy {
     pub upstream: Arc<Upstream>,
     pub metrics: Arc<Metrics>,
     pub limiter: Limiter,
+    /// One JWKS cache for the process, so fetched keys survive configuration changes.
+    pub jwks: mesh_jwt::JwksStore,
+    /// Authenticators of the snapshot in force, by the RequestAuthentications they cover.
+    pub authenticators: std::sync::Mutex<(u64, HashMap<String, Arc<mesh_jwt::Authenticator>>)>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -338,6 +343,36 @@ impl hyper::body::Body for Finish {
 }
 
 impl Proxy {
+    /// The authenticator for these RequestAuthentications, built once per snapshot.
+    fn authenticator(
+        &self,
+        snap: &Snapshot,
+        ras: &[&mesh_policy::model::RequestAuthentication],
+    ) -> Result<Arc<mesh_jwt::Authenticator>, String> {
+        let key = ras.iter().map(|r| r.key()).collect::<Vec<_>>().join(",");
+        let id = snap.generation;
+        let mut cache = self
+            .authenticators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if cache.0 != id {
+            *cache = (id, HashMap::new());
+        }
+        if let Some(a) = cache.1.get(&key) {
+            return Ok(a.clone());
+        }
+        let opts = mesh_jwt::Options {
+            jwks: self.jwks.clone(),
+            ..Default::default()
+        };
+        let a = Arc::new(
+            mesh_jwt::Authenticator::with_options(ras.iter().copied(), opts)
+                .map_err(|e| e.to_string())?,
+        );
+        cache.1.insert(key, a.clone());
+        Ok(a)
+    }
+
     /// Serves one request through every phase.
     pub async fn handle(
         self: Arc<Self>,
@@ -444,25 +479,38 @@ impl Proxy {
         };
 
         // ── authenticate ─────────────────────────────────────────────────────────────
-        // JWT validation is mesh-jwt's; until it is integrated, a RequestAuthentication
-        // that applies fails closed for requests carrying a bearer token.
         let ras = scope::waypoint_request_authentications(&snap.policies, &snap.mesh_config, &wt);
-        let has_token = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
-        if !ras.is_empty() && has_token {
-            return local(
-                StatusCode::UNAUTHORIZED,
-                "Jwt verification fails\n",
-                "UAEX",
-                format!(
-                    "RequestAuthentication {} applies but JWT validation is not available yet",
-                    ras[0].key()
-                ),
-            );
-        }
+        let jwt = if ras.is_empty() {
+            None
+        } else {
+            let authn = match self.authenticator(snap, &ras) {
+                Ok(a) => a,
+                Err(e) => {
+                    return local(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "RequestAuthentication misconfigured\n",
+                        "UAEX",
+                        e,
+                    );
+                }
+            };
+            match authn.authenticate_request(&mut req).await {
+                Ok(j) => j,
+                Err(e) => {
+                    let (status, body) = (e.status(), e.body());
+                    let mut resp = text(status, body);
+                    if let Ok(v) = HeaderValue::try_from(e.www_authenticate()) {
+                        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                    }
+                    rec.policy = Some(ras.iter().map(|r| r.key()).collect::<Vec<_>>().join(","));
+                    return Outcome {
+                        resp,
+                        flag: "UAEX",
+                        reason: Some(format!("JWT rejected: {body}")),
+                    };
+                }
+            }
+        };
 
         // ── authorize ────────────────────────────────────────────────────────────────
         let raw_path = req.uri().path();
@@ -499,7 +547,7 @@ impl Proxy {
                 path: path.clone(),
                 host: rec.authority.clone(),
                 headers: hv,
-                jwt: None,
+                jwt,
             }),
         };
         let (policies, _) = scope::waypoint_policies(&snap.policies, &snap.mesh_config, &wt);

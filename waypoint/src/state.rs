@@ -107,6 +107,8 @@ pub enum Target {
     },
 }
 
+static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// The configuration in force.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -119,6 +121,8 @@ pub struct Snapshot {
     pub service_ports: Vec<ServicePorts>,
     /// Objects that were skipped, with why (`Kind ns/name: field: reason`).
     pub errors: Vec<String>,
+    /// Unique per snapshot built (caches keyed on the snapshot use it).
+    pub generation: u64,
     by_name: HashMap<(String, String), Arc<Service>>,
     tables: HashMap<(String, String, u16), Arc<Vec<Entry>>>,
 }
@@ -135,6 +139,7 @@ impl Snapshot {
             waypoint: Some(waypoint),
             mesh,
             errors,
+            generation: NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ..Default::default()
         };
         for o in objects {

@@ -683,3 +683,72 @@ async fn tcp_port_is_relayed_opaquely_and_invalid_routes_are_reported() {
         "{metrics}"
     );
 }
+
+const JWT_SECRET: &[u8] = b"waypoint-test-secret-0123456789ab";
+
+fn token(iss: &str, sub: &str, secret: &[u8]) -> String {
+    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    h.kid = Some("k1".into());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = serde_json::json!({"iss": iss, "sub": sub, "exp": exp});
+    jsonwebtoken::encode(
+        &h,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_is_validated_then_authorized_by_request_principal() {
+    let lab = Lab::new(
+        70,
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: RequestAuthentication
+  metadata: {name: jwt, namespace: foo}
+  spec:
+    targetRefs: [{kind: Service, group: "", name: echo}]
+    jwtRules:
+    - issuer: test-issuer
+      jwks: '{"keys":[{"kty":"oct","k":"d2F5cG9pbnQtdGVzdC1zZWNyZXQtMDEyMzQ1Njc4OWFi","alg":"HS256","kid":"k1"}]}'
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: need-jwt, namespace: foo}
+  spec:
+    targetRefs: [{kind: Service, group: "", name: echo}]
+    rules:
+    - from: [{source: {requestPrincipals: ["test-issuer/alice"]}}]
+"#,
+    )
+    .await;
+    let mut c = lab.h1(lab.vip(100, 80)).await;
+    // No token: passes authentication, has no principal, so the ALLOW policy denies.
+    let r = send(&mut c, "GET", "/", &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"));
+    // A token signed with another key: 401 from authentication.
+    let bad = format!(
+        "Bearer {}",
+        token("test-issuer", "alice", b"some-other-secret-0123456789abcd")
+    );
+    let r = send(&mut c, "GET", "/", &[("authorization", &bad)]).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.headers.contains_key("www-authenticate"));
+    // The right principal.
+    let good = format!("Bearer {}", token("test-issuer", "alice", JWT_SECRET));
+    let r = send(&mut c, "GET", "/", &[("authorization", &good)]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A valid token of another subject: 403.
+    let bob = format!("Bearer {}", token("test-issuer", "bob", JWT_SECRET));
+    assert_eq!(
+        send(&mut c, "GET", "/", &[("authorization", &bob)])
+            .await
+            .status,
+        403
+    );
+}
