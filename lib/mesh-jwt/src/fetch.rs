@@ -14,6 +14,8 @@
 //!   `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`, 20 minutes), on the first request that needs them;
 //! - a failed fetch never drops keys that worked: they stay in use until a fetch succeeds,
 //!   retried at most every `retry_interval`;
+//! - while a refresh is under way, other requests use the stale keys instead of waiting;
+//!   without any keys they wait for that one fetch and share its outcome;
 //! - a URI never fetched successfully fails closed: its tokens are rejected;
 //! - a document that is not a usable JWKS counts as a failed fetch;
 //! - the [`JwksStore`] outlives one `Authenticator`, so a configuration change does not refetch.
@@ -215,7 +217,16 @@ impl Remote {
             Ok(r) => return r,
             Err(g) => g,
         };
-        let _one_at_a_time = self.fetching.lock().await;
+        // With stale keys, a request does not queue behind a refresh already under way.
+        let _one_at_a_time = match self.fetching.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                if let Some(k) = self.read().keys.clone() {
+                    return Ok(k);
+                }
+                self.fetching.lock().await
+            }
+        };
         {
             // Someone else fetched (or failed) while we waited: use their outcome.
             let st = self.read();
