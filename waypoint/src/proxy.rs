@@ -158,7 +158,7 @@ pub fn child_traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
 }
 
 /// The request's effective authority: `:authority` (HTTP/2) or `Host` (HTTP/1.1).
-fn authority(req: &Request<Incoming>) -> String {
+fn authority<B>(req: &Request<B>) -> String {
     req.uri()
         .authority()
         .map(|a| a.to_string())
@@ -169,6 +169,56 @@ fn authority(req: &Request<Incoming>) -> String {
                 .map(str::to_string)
         })
         .unwrap_or_default()
+}
+
+/// What the request-head path decides from a head alone (pure; the fuzz target's entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadFacts {
+    pub authority: String,
+    /// The normalized path policy sees, or why the request is a 400.
+    pub policy_path: Result<String, String>,
+    /// `(route, rule)` of the matching entry of `table`.
+    pub route: Option<(String, usize)>,
+    /// The upstream request target after the matched rule's URLRewrite.
+    pub upstream_path: String,
+    pub traceparent: String,
+    /// Headers left after hop-by-hop removal and the rule's header edits.
+    pub upstream_headers: usize,
+}
+
+/// Runs the head-only steps of authorize/route/upstream on `req` against a route table.
+pub fn head_facts<B>(
+    req: &Request<B>,
+    table: &[Entry],
+    mode: mesh_policy::path::PathNormalization,
+) -> HeadFacts {
+    let head = route::RequestHead {
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
+    };
+    let entry = route::select(table, &head);
+    let mut headers = req.headers().clone();
+    let upgrade = headers.contains_key(header::UPGRADE);
+    strip_hop_by_hop(&mut headers, upgrade);
+    let mut upstream_path = req.uri().path().to_string();
+    if let Some(e) = entry {
+        e.rule().request_headers.apply(&mut headers);
+        if let Some(p) = e.rule().rewrite.as_ref().and_then(|r| r.path.as_ref()) {
+            upstream_path = route::rewrite_path(&upstream_path, p, e.matched());
+        }
+    }
+    let tp = child_traceparent(req.headers().get("traceparent"));
+    HeadFacts {
+        authority: authority(req),
+        policy_path: mesh_policy::path::normalize(req.uri().path(), mode)
+            .map_err(|e| e.to_string()),
+        route: entry.map(|e| (e.route.key(), e.rule)),
+        upstream_path,
+        traceparent: tp.to_str().unwrap_or_default().to_string(),
+        upstream_headers: headers.len(),
+    }
 }
 
 fn labels(snap: &Snapshot, down: &Downstream, target: Option<&Target>) -> RequestLabels {
@@ -1116,6 +1166,29 @@ mod tests {
         assert!(!s.contains("00f067aa0ba902b7"));
         let fresh = child_traceparent(Some(&HeaderValue::from_static("garbage")));
         assert_eq!(fresh.to_str().unwrap().len(), 55);
+    }
+
+    #[test]
+    fn head_facts_rewrite_and_route() {
+        let y = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /api}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}]\n";
+        let Some(crate::objects::KubeObject::HttpRoute(r)) =
+            crate::objects::parse_object(&serde_yaml::from_str(y).unwrap()).unwrap()
+        else {
+            panic!()
+        };
+        let table = route::order(&[Arc::new(route::compile_http(&r).unwrap())]);
+        let req = Request::builder()
+            .uri("/api/x/../y?q=1")
+            .header("host", "echo:80")
+            .header("connection", "close")
+            .body(())
+            .unwrap();
+        let f = head_facts(&req, &table, mesh_policy::path::PathNormalization::Base);
+        assert_eq!(f.authority, "echo:80");
+        assert_eq!(f.route, Some(("default/r".into(), 0)));
+        assert_eq!(f.upstream_path, "/v2/x/../y");
+        assert_eq!(f.policy_path.as_deref(), Ok("/api/y"));
+        assert_eq!(f.upstream_headers, 1);
     }
 
     #[test]
