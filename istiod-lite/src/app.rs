@@ -13,6 +13,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_policy::mesh::Condition;
 use mesh_proto::{
     envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
     istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer,
@@ -33,6 +34,7 @@ use crate::{
     index::Index,
     k8s,
     source::{ManifestDir, Source},
+    status,
     translate::{self, Settings},
     xds::{Snapshot, Stats, XdsServer},
 };
@@ -92,8 +94,20 @@ pub fn load_or_create_ca(dir: &Path, trust_domain: &str) -> anyhow::Result<Local
     Ok(LocalCa::from_ca_pem(&pem)?)
 }
 
-fn publish(idx: &Index, settings: &Settings, out: &watch::Sender<Arc<Snapshot>>) {
+fn publish(
+    idx: &Index,
+    settings: &Settings,
+    out: &watch::Sender<Arc<Snapshot>>,
+    conditions: &watch::Sender<Arc<Vec<Condition>>>,
+) {
     let r = translate::translate(idx, settings);
+    conditions.send_if_modified(|c| {
+        let changed = **c != r.conditions;
+        if changed {
+            *c = Arc::new(r.conditions.clone());
+        }
+        changed
+    });
     for n in &r.notes {
         info!(note = %n, "policy translation");
     }
@@ -116,6 +130,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
     let root_pem = mesh_tls::cert::to_pem(ca.roots());
     let (trigger, watcher) = drain::new();
     let (index_tx, index_rx) = watch::channel(Arc::new(Index::default()));
+    let (cond_tx, cond_rx) = watch::channel(Arc::new(Vec::<Condition>::new()));
     let authn: Arc<dyn Authenticator> = match &cfg.source {
         SourceConfig::Manifests { dir, poll } => {
             let Some(tokens) = &cfg.static_tokens else {
@@ -153,6 +168,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
                     },
                 }
                 .spawn(index_rx.clone(), watcher.clone());
+                status::spawn(client.clone(), cond_rx, watcher.clone());
             }
             Arc::new(TokenReviewAuthenticator::new(
                 client,
@@ -171,14 +187,14 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
         },
     };
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
-    publish(&index_rx.borrow(), &settings, &snap_tx);
+    publish(&index_rx.borrow(), &settings, &snap_tx, &cond_tx);
 
     let mut idx_changes = index_rx.clone();
     tokio::spawn(
         async move {
             while idx_changes.changed().await.is_ok() {
                 let idx = idx_changes.borrow_and_update().clone();
-                publish(&idx, &settings, &snap_tx);
+                publish(&idx, &settings, &snap_tx, &cond_tx);
             }
         }
         .instrument(info_span!("translate")),

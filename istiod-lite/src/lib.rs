@@ -20,6 +20,7 @@ pub mod deploy;
 pub mod index;
 pub mod k8s;
 pub mod source;
+pub mod status;
 pub mod translate;
 pub mod waypoint;
 pub mod xds;

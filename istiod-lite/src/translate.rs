@@ -65,6 +65,8 @@ pub struct Resources {
     pub authorizations: Vec<Authorization>,
     /// Why something was left out or changed, one line each (for logs and status).
     pub notes: Vec<String>,
+    /// Each converted policy's status condition (`ZtunnelAccepted`), as Istio reports it.
+    pub conditions: Vec<mesh_policy::mesh::Condition>,
 }
 
 /// Is this pod captured by the mesh?
@@ -257,6 +259,7 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
     // The Authorization resources and each policy's ZtunnelAccepted condition, converted
     // once per translation (mesh-policy's copy of istiod's ambient index).
     let converted = mesh_policy::istiod::resources(&set, &s.mesh);
+    out.conditions = converted.conditions.clone();
     for c in &converted.conditions {
         if !(c.reason == "Accepted" && c.message == "attached to ztunnel") {
             out.notes

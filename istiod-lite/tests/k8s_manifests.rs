@@ -2,7 +2,8 @@
 //! manifest passes `kubectl apply --dry-run=server` (the CRDs and the namespace applied for
 //! real first), the kustomize base lists every file, and istiod-lite running as its own
 //! ServiceAccount (`istio-system/istiod`, impersonated) with only the shipped ClusterRole
-//! lists every kind it watches, deploys a waypoint and writes its status.
+//! lists every kind it watches, deploys a waypoint and writes its status, and writes an
+//! AuthorizationPolicy's `ZtunnelAccepted` condition.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -149,6 +150,43 @@ async fn every_manifest_passes_server_dry_run_and_the_rbac_is_enough() {
         async move { deps.get_opt("waypoint").await.ok().flatten() }
     })
     .await;
+    let aps: Api<DynamicObject> = Api::namespaced_with(
+        c.client(),
+        ns,
+        &ApiResource {
+            group: "security.istio.io".into(),
+            version: "v1".into(),
+            api_version: "security.istio.io/v1".into(),
+            kind: "AuthorizationPolicy".into(),
+            plural: "authorizationpolicies".into(),
+        },
+    );
+    let ap: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-get"},
+        "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}
+    }))
+    .unwrap();
+    aps.create(&PostParams::default(), &ap).await.unwrap();
+    let cond = eventually("the policy's ZtunnelAccepted, written as istiod", || {
+        let aps = aps.clone();
+        async move {
+            let p = aps.get("deny-get").await.ok()?;
+            let conds = p.data.get("status")?.get("conditions")?.as_array()?.clone();
+            conds.into_iter().find(|c| c["type"] == "ZtunnelAccepted")
+        }
+    })
+    .await;
+    // HTTP methods are beyond ztunnel: Istio's reason and message (mesh-policy's).
+    assert_eq!(cond["status"], "False", "{cond}");
+    assert_eq!(cond["reason"], "UnsupportedValue", "{cond}");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ztunnel does not support HTTP attributes (found: methods)"),
+        "{cond}"
+    );
     eventually("the Gateway Programmed, written as istiod", || {
         let gws = gws.clone();
         async move {

@@ -109,7 +109,12 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
     let image = pod.containers[0].image.clone().unwrap();
     assert_eq!(image, "mesh/waypoint:latest", "the configured image");
 
-    let svc = svcs.get("waypoint").await.unwrap();
+    // Applied one after the other: the Service may lag the Deployment.
+    let svc = eventually("the waypoint Service", || {
+        let svcs = svcs.clone();
+        async move { svcs.get_opt("waypoint").await.ok().flatten() }
+    })
+    .await;
     let ports: Vec<(String, i32, Option<String>)> = svc
         .spec
         .as_ref()

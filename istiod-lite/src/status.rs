@@ -1,0 +1,208 @@
+//! AuthorizationPolicy status: the `ZtunnelAccepted` condition that `mesh-policy`'s L4
+//! conversion gives each policy ztunnel enforces (Istio's reasons and messages: `Accepted`
+//! "attached to ztunnel", `UnsupportedValue` naming what ztunnel ignores, ...), written with
+//! server-side apply on the `status` subresource (field manager
+//! [`crate::deploy::FIELD_MANAGER`]).
+//!
+//! - The translation publishes the conditions; this task writes a policy's status only when
+//!   its condition differs from the one it last wrote (once per policy after a start). A
+//!   failed write is logged with the policy's name and retried with backoff (1 s doubling to
+//!   60 s); other policies are unaffected.
+//! - `lastTransitionTime` is the time of the write that changed the condition's status.
+//! - Not written yet: `WaypointAccepted` for `targetRefs` policies (it needs the waypoint
+//!   binding of each target).
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
+};
+use mesh_policy::mesh::{Condition, ConditionType};
+use mesh_rt::drain::DrainWatcher;
+use serde_json::json;
+use tokio::{sync::watch, time::Instant};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::{deploy::FIELD_MANAGER, k8s::SECURITY_GROUP};
+
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// What was written for one policy, and when its status last changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Written {
+    status: &'static str,
+    reason: String,
+    message: String,
+    since: String,
+}
+
+#[derive(Debug, Default)]
+struct Retry {
+    failures: u32,
+    at: Option<Instant>,
+}
+
+fn condition_type(t: ConditionType) -> &'static str {
+    match t {
+        ConditionType::ZtunnelAccepted => "ZtunnelAccepted",
+        ConditionType::WaypointAccepted => "WaypointAccepted",
+    }
+}
+
+fn now() -> String {
+    serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now()))
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The status body applied for one policy.
+pub fn status_body(api_version: &str, c: &Condition, since: &str) -> serde_json::Value {
+    let (ns, name) = c.policy.split_once('/').unwrap_or(("default", &c.policy));
+    json!({
+        "apiVersion": api_version, "kind": c.kind,
+        "metadata": {"name": name, "namespace": ns},
+        "status": {"conditions": [{
+            "type": condition_type(c.type_), "status": c.status, "reason": c.reason,
+            "message": c.message, "lastTransitionTime": since,
+        }]},
+    })
+}
+
+/// Starts the status writer; returns at once.
+pub fn spawn(
+    client: Client,
+    conditions: watch::Receiver<Arc<Vec<Condition>>>,
+    drain: DrainWatcher,
+) {
+    tokio::spawn(run(client, conditions, drain).instrument(info_span!("policy_status")));
+}
+
+async fn run(
+    client: Client,
+    mut conditions: watch::Receiver<Arc<Vec<Condition>>>,
+    drain: DrainWatcher,
+) {
+    // The CRD may be installed after start (k8s.rs waits for it the same way).
+    let version = loop {
+        match crate::k8s::served_version(&client, SECURITY_GROUP, "authorizationpolicies").await {
+            Ok(Some(v)) => break v,
+            Ok(None) => debug!("policy status waits for the security.istio.io CRDs"),
+            Err(e) => debug!(error = %e, "API discovery failed; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            () = drain.signaled() => return,
+        }
+    };
+    let ar = ApiResource {
+        group: SECURITY_GROUP.into(),
+        version: version.into(),
+        api_version: format!("{SECURITY_GROUP}/{version}"),
+        kind: "AuthorizationPolicy".into(),
+        plural: "authorizationpolicies".into(),
+    };
+    let mut written: BTreeMap<String, Written> = BTreeMap::new();
+    let mut retries: BTreeMap<String, Retry> = BTreeMap::new();
+    loop {
+        let conds = conditions.borrow_and_update().clone();
+        let wanted: BTreeMap<&str, &Condition> = conds
+            .iter()
+            .filter(|c| {
+                c.kind == "AuthorizationPolicy" && c.type_ == ConditionType::ZtunnelAccepted
+            })
+            .map(|c| (c.policy.as_str(), c))
+            .collect();
+        written.retain(|k, _| wanted.contains_key(k.as_str()));
+        retries.retain(|k, _| wanted.contains_key(k.as_str()));
+        let t = Instant::now();
+        for (key, c) in &wanted {
+            let prev = written.get(*key);
+            let same = prev.is_some_and(|w| {
+                w.status == c.status && w.reason == c.reason && w.message == c.message
+            });
+            let due = retries
+                .get(*key)
+                .and_then(|r| r.at)
+                .is_none_or(|at| at <= t);
+            if same || !due {
+                continue;
+            }
+            let since = match prev {
+                Some(w) if w.status == c.status => w.since.clone(),
+                _ => now(),
+            };
+            let (ns, name) = key.split_once('/').unwrap_or(("default", key));
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+            let r = api
+                .patch_status(
+                    name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&status_body(&ar.api_version, c, &since)),
+                )
+                .await;
+            match r {
+                Ok(_) => {
+                    written.insert(
+                        (*key).to_owned(),
+                        Written {
+                            status: c.status,
+                            reason: c.reason.clone(),
+                            message: c.message.clone(),
+                            since,
+                        },
+                    );
+                    retries.remove(*key);
+                }
+                // Deleted meanwhile: the next translation drops it.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    let r = retries.entry((*key).to_owned()).or_default();
+                    r.failures += 1;
+                    let wait = Duration::from_secs(1u64 << r.failures.saturating_sub(1).min(6))
+                        .min(BACKOFF_MAX);
+                    r.at = Some(Instant::now() + wait);
+                    warn!(policy = %key, error = %e, retry_in_s = wait.as_secs(), "writing AuthorizationPolicy status failed (check that istiod-lite's ClusterRole allows patch on authorizationpolicies/status); retrying");
+                }
+            }
+        }
+        let next = retries.values().filter_map(|r| r.at).min();
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            c = conditions.changed() => if c.is_err() { return },
+            () = sleep => {}
+            () = drain.signaled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_is_an_apply_of_the_status_only() {
+        let c = Condition::new(
+            "foo/deny",
+            ConditionType::ZtunnelAccepted,
+            true,
+            "Accepted",
+            "attached to ztunnel",
+        );
+        let b = status_body("security.istio.io/v1", &c, "T");
+        assert_eq!(b["metadata"], json!({"name": "deny", "namespace": "foo"}));
+        assert_eq!(b["kind"], "AuthorizationPolicy");
+        assert_eq!(
+            b["status"]["conditions"][0],
+            json!({"type": "ZtunnelAccepted", "status": "True", "reason": "Accepted",
+                   "message": "attached to ztunnel", "lastTransitionTime": "T"})
+        );
+    }
+}
