@@ -830,6 +830,7 @@ impl Proxy {
             .and_then(|t| t.connection_pool.as_ref())
             .and_then(|c| c.http.as_ref())
             .and_then(|h| h.http2_max_requests);
+        let outlier = outlier_for(snap, &bsvc);
         let attempts = async {
             let mut tried: Vec<String> = Vec::new();
             let mut last: Option<Outcome> = None;
@@ -901,6 +902,7 @@ impl Proxy {
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or_default()
                             .to_string();
+                        self.upstream.report(&ep, status >= 500, outlier);
                         let retry_it = retry.codes.contains(&status)
                             || (retry.grpc_statuses && (grpc == "14" || grpc == "1"));
                         let out = Outcome {
@@ -917,6 +919,7 @@ impl Proxy {
                         return out;
                     }
                     Err(e) => {
+                        self.upstream.report(&ep, true, outlier);
                         let retriable = e.retriable();
                         let out = local(
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -1069,6 +1072,24 @@ fn is_grpc(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn outlier_for(snap: &Snapshot, svc: &Service) -> Option<crate::upstream::OutlierPolicy> {
+    let od = snap
+        .destination_rule(svc)?
+        .traffic_policy
+        .as_ref()?
+        .outlier_detection
+        .as_ref()?;
+    Some(crate::upstream::OutlierPolicy {
+        // Istio's default when outlierDetection is set without it.
+        consecutive_5xx: od.consecutive5xx_errors.unwrap_or(5),
+        base_ejection: od
+            .base_ejection_time
+            .as_deref()
+            .and_then(|d| mesh_rt::config::parse_duration(d).ok())
+            .unwrap_or(Duration::from_secs(30)),
+    })
 }
 
 fn lb_for(snap: &Snapshot, svc: &Service) -> Lb {

@@ -134,6 +134,7 @@ pub struct Upstream {
     h1: Mutex<HashMap<Key, Vec<http1::SendRequest<Body>>>>,
     rr: Mutex<HashMap<String, usize>>,
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    outliers: Mutex<HashMap<String, Outlier>>,
     pub connections_opened: AtomicU64,
 }
 
@@ -145,6 +146,22 @@ impl std::fmt::Debug for Upstream {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// DestinationRule `outlierDetection`, as far as the waypoint enforces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    /// Consecutive 5xx responses (or connect failures) that eject an endpoint.
+    pub consecutive_5xx: u32,
+    /// Ejection time for the first ejection; the n-th lasts n times as long (Envoy).
+    pub base_ejection: std::time::Duration,
+}
+
+#[derive(Debug, Default)]
+struct Outlier {
+    consecutive: u32,
+    ejections: u32,
+    until: Option<tokio::time::Instant>,
 }
 
 /// Counts a request in flight to an endpoint (least-request) until dropped.
@@ -167,6 +184,7 @@ impl Upstream {
             h1: Mutex::new(HashMap::new()),
             rr: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            outliers: Mutex::new(HashMap::new()),
             connections_opened: AtomicU64::new(0),
         }
     }
@@ -188,6 +206,35 @@ impl Upstream {
             return Err(UpstreamError::Overflow(ep.addr.to_string()));
         }
         Ok(g)
+    }
+
+    /// Records an attempt's result for outlier detection: a 5xx (or connect failure)
+    /// counts towards ejection, anything else resets the count.
+    pub fn report(&self, ep: &Endpoint, failed: bool, policy: Option<OutlierPolicy>) {
+        let Some(p) = policy.filter(|p| p.consecutive_5xx > 0) else {
+            return;
+        };
+        let mut m = lock(&self.outliers);
+        let o = m.entry(ep.workload.uid.clone()).or_default();
+        if !failed {
+            o.consecutive = 0;
+            return;
+        }
+        o.consecutive += 1;
+        if o.consecutive >= p.consecutive_5xx {
+            o.consecutive = 0;
+            o.ejections += 1;
+            o.until = Some(tokio::time::Instant::now() + p.base_ejection * o.ejections.min(10));
+            tracing::info!(endpoint = %ep.addr, workload = %ep.workload.uid, ejections = o.ejections, "endpoint ejected (outlier detection)");
+        }
+    }
+
+    fn ejected(&self, uid: &str) -> bool {
+        let now = tokio::time::Instant::now();
+        lock(&self.outliers)
+            .get(uid)
+            .and_then(|o| o.until)
+            .is_some_and(|u| u > now)
     }
 
     /// Picks an endpoint of `svc` for service port `port`, skipping `exclude` (previous
@@ -214,6 +261,13 @@ impl Upstream {
                 })
             })
             .collect();
+        // Ejected endpoints are skipped unless every endpoint is ejected (panic threshold).
+        let live: Vec<Endpoint> = all
+            .iter()
+            .filter(|e| !self.ejected(&e.workload.uid))
+            .cloned()
+            .collect();
+        let all = if live.is_empty() { all } else { live };
         let fresh: Vec<&Endpoint> = all
             .iter()
             .filter(|e| !exclude.contains(&e.workload.uid))
@@ -393,5 +447,106 @@ struct SyncGuard(#[allow(dead_code)] Mutex<Box<dyn Send>>);
 impl SyncGuard {
     fn new(g: impl Send + 'static) -> Self {
         SyncGuard(Mutex::new(Box::new(g)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn upstream() -> Upstream {
+        let ca = mesh_tls::ca::LocalCa::generate("cluster.local").unwrap();
+        let provider = ztunnel::identity::LocalCaProvider::from_ca(ca, Duration::from_secs(3600));
+        let secrets = Arc::new(SecretManager::new(
+            Arc::new(provider),
+            mesh_tls::TrustPolicy::new("cluster.local"),
+        ));
+        Upstream::new(
+            Pool::new(Default::default()),
+            secrets,
+            mesh_hbone::client::default_connector(),
+        )
+    }
+
+    const TWO: &str = r#"
+waypoint: {name: waypoint, namespace: foo}
+workloads:
+- {uid: a, name: a, namespace: foo, workloadIps: [10.0.0.1], protocol: HBONE, services: {foo/s.foo.svc.cluster.local: {80: 8080}}}
+- {uid: b, name: b, namespace: foo, workloadIps: [10.0.0.2], protocol: HBONE, services: {foo/s.foo.svc.cluster.local: {80: 8080}}}
+services:
+- {name: s, namespace: foo, hostname: s.foo.svc.cluster.local, vips: [/10.96.0.1], ports: {80: 8080}}
+"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_then_outlier_ejection_and_return() {
+        let snap = crate::state::parse("t", TWO).unwrap();
+        let svc = snap.service("foo", "s").unwrap().clone();
+        let up = upstream();
+        let picks: Vec<String> = (0..4)
+            .map(|_| {
+                up.pick(&snap, &svc, 80, Lb::RoundRobin, &[])
+                    .unwrap()
+                    .workload
+                    .uid
+                    .clone()
+            })
+            .collect();
+        assert_eq!(picks, vec!["b", "a", "b", "a"]);
+        let a = up
+            .pick(&snap, &svc, 80, Lb::RoundRobin, &["b".into()])
+            .unwrap();
+        assert_eq!(a.workload.uid, "a");
+        assert_eq!(a.addr, "10.0.0.1:8080".parse().unwrap());
+        let p = OutlierPolicy {
+            consecutive_5xx: 2,
+            base_ejection: Duration::from_secs(30),
+        };
+        up.report(&a, true, Some(p));
+        up.report(&a, false, Some(p));
+        up.report(&a, true, Some(p));
+        assert!(!up.ejected("a"), "a success resets the count");
+        up.report(&a, true, Some(p));
+        assert!(up.ejected("a"));
+        for _ in 0..6 {
+            assert_eq!(
+                up.pick(&snap, &svc, 80, Lb::RoundRobin, &[])
+                    .unwrap()
+                    .workload
+                    .uid,
+                "b"
+            );
+        }
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(!up.ejected("a"), "ejection ends after baseEjectionTime");
+        let back: Vec<String> = (0..4)
+            .map(|_| {
+                up.pick(&snap, &svc, 80, Lb::RoundRobin, &[])
+                    .unwrap()
+                    .workload
+                    .uid
+                    .clone()
+            })
+            .collect();
+        assert!(back.contains(&"a".to_string()), "{back:?}");
+    }
+
+    #[test]
+    fn overflow_past_max_requests() {
+        let up = upstream();
+        let ep = Endpoint {
+            workload: Arc::new(Workload {
+                uid: "x".into(),
+                ..Default::default()
+            }),
+            addr: "10.0.0.1:80".parse().unwrap(),
+        };
+        let g1 = up.begin(&ep, Some(1)).unwrap();
+        assert!(matches!(
+            up.begin(&ep, Some(1)),
+            Err(UpstreamError::Overflow(_))
+        ));
+        drop(g1);
+        assert!(up.begin(&ep, Some(1)).is_ok());
     }
 }
