@@ -752,3 +752,107 @@ async fn jwt_is_validated_then_authorized_by_request_principal() {
         403
     );
 }
+
+/// Access-log lines of every test in this binary (one global subscriber); tests filter by
+/// their own addresses.
+fn logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let w = buf.clone();
+        let make = move || LogWriter(w.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("access=info")
+            .with_ansi(false)
+            .with_writer(make)
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_names_the_deciding_policy_and_faults_abort() {
+    let logs = logs();
+    let lab = Lab::new(
+        71,
+        &format!(
+            r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {{name: no-delete, namespace: foo}}
+  spec:
+    targetRefs: [{{kind: Service, group: "", name: echo}}]
+    action: DENY
+    rules: [{{to: [{{operation: {{methods: [DELETE]}}}}]}}]
+{ROUTE_HEAD}  metadata:
+    name: faulty
+    namespace: foo
+    annotations: {{waypoint.mesh.io/fault-abort-status: "418"}}
+  spec:
+    parentRefs: [{{group: "", kind: Service, name: echo}}]
+    rules: [{{matches: [{{path: {{type: PathPrefix, value: /teapot}}}}]}}]
+"#
+        ),
+    )
+    .await;
+    let mut c = lab.h1(lab.vip(100, 80)).await;
+    assert_eq!(send(&mut c, "DELETE", "/x", &[]).await.status, 403);
+    let r = send(&mut c, "GET", "/teapot", &[]).await;
+    assert_eq!(r.status, 418);
+    assert!(lab.hits().is_empty(), "neither request reached the app");
+    // The record is written when the response body ends; give it a moment.
+    let vip = lab.vip(100, 80).to_string();
+    let mut mine = Vec::new();
+    for _ in 0..100 {
+        let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+        mine = text
+            .lines()
+            .filter(|l| l.contains(&format!("dst_addr={vip}")))
+            .map(str::to_string)
+            .collect();
+        if mine.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deny = mine
+        .iter()
+        .find(|l| l.contains("method=DELETE"))
+        .expect("no log line for the DELETE");
+    let has = |l: &str, k: &str, v: &str| {
+        l.contains(&format!("{k}={v} ")) || l.contains(&format!("{k}=\"{v}\""))
+    };
+    assert!(has(deny, "status", "403"), "{deny}");
+    assert!(has(deny, "policy", "foo/no-delete"), "{deny}");
+    assert!(
+        has(
+            deny,
+            "src_identity",
+            "spiffe://cluster.local/ns/bar/sa/sleep"
+        ),
+        "{deny}"
+    );
+    assert!(has(deny, "flags", "RBAC"), "{deny}");
+    let fault = mine
+        .iter()
+        .find(|l| l.contains("path=/teapot"))
+        .expect("no log line for the fault");
+    assert!(
+        has(fault, "status", "418") && has(fault, "route", "foo/faulty#0"),
+        "{fault}"
+    );
+    assert!(has(fault, "flags", "FI"), "{fault}");
+}
