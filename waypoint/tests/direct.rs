@@ -856,3 +856,31 @@ async fn access_log_names_the_deciding_policy_and_faults_abort() {
     );
     assert!(has(fault, "flags", "FI"), "{fault}");
 }
+
+/// Not a pass/fail test: prints requests per second through the whole path
+/// (`cargo test -p waypoint --test direct -- --ignored --nocapture throughput`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput() {
+    let lab = Lab::new(72, "").await;
+    let (conns, per) = (8, 2500);
+    let t0 = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let mut c = lab.h1(lab.vip(100, 80)).await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                assert_eq!(send(&mut c, "GET", "/", &[]).await.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n = conns * per;
+    let s = t0.elapsed().as_secs_f64();
+    println!(
+        "{n} requests over {conns} keep-alive connections in {s:.2}s: {:.0} req/s",
+        n as f64 / s
+    );
+}
