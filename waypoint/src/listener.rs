@@ -138,6 +138,25 @@ async fn stream(proxy: Arc<Proxy>, peer: Option<Identity>, src: SocketAddr, inc:
         Target::Service { service, port } => snap.protocol(service, *port),
         Target::Workload { .. } => PortProtocol::Detect,
     };
+    if protocol == PortProtocol::Tcp {
+        // Known TCP port: refuse a denied stream on the CONNECT itself (401, as ztunnel does)
+        // rather than accepting and closing it.
+        let down = Downstream {
+            peer: peer.clone(),
+            src,
+            dst,
+        };
+        let d = authorize_tcp(&snap, &down, &target);
+        if !d.allowed {
+            let principal = peer
+                .as_ref()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "unknown".into());
+            info!(target: "access", src_identity = %principal, dst_addr = %dst, protocol = "tcp", flags = "RBAC", policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "connection denied");
+            inc.reject(StatusCode::UNAUTHORIZED);
+            return;
+        }
+    }
     let (send, recv) = match inc.accept() {
         Ok(p) => p,
         Err(e) => {
@@ -204,14 +223,22 @@ async fn http(proxy: Arc<Proxy>, down: Arc<Downstream>, io: Rewind<H2Io>) {
     }
 }
 
-/// Opaque TCP: authorize on the TCP chain (HTTP-only ALLOW rules are skipped, as Envoy does),
-/// then relay to an endpoint.
-async fn tcp(proxy: Arc<Proxy>, down: Arc<Downstream>, target: Target, mut io: Rewind<H2Io>) {
-    let snap = proxy.store.get();
+/// The TCP-chain decision for a stream (HTTP-only ALLOW rules skipped, as Envoy does).
+fn authorize_tcp(
+    snap: &crate::state::Snapshot,
+    down: &Downstream,
+    target: &Target,
+) -> rbac::RbacDecision {
     let Some(wp) = snap.waypoint.as_ref() else {
-        return;
+        return rbac::RbacDecision {
+            allowed: false,
+            policy: None,
+            rule: None,
+            reason: "waypoint not configured".into(),
+            warnings: Vec::new(),
+        };
     };
-    let (service, port) = match &target {
+    let (service, port) = match target {
         Target::Service { service, port } => (Some(service.clone()), *port),
         Target::Workload { addr, .. } => (None, addr.port()),
     };
@@ -233,7 +260,21 @@ async fn tcp(proxy: Arc<Proxy>, down: Arc<Downstream>, target: Target, mut io: R
     let ctx = Ctx {
         trust_domains: snap.mesh_config.trust_domain_bundle(),
     };
-    let decision = rbac::evaluate(&policies, &view, &ctx);
+    rbac::evaluate(&policies, &view, &ctx)
+}
+
+/// Opaque TCP: authorize on the TCP chain (HTTP-only ALLOW rules are skipped, as Envoy does),
+/// then relay to an endpoint.
+async fn tcp(proxy: Arc<Proxy>, down: Arc<Downstream>, target: Target, mut io: Rewind<H2Io>) {
+    let snap = proxy.store.get();
+    let Some(wp) = snap.waypoint.as_ref() else {
+        return;
+    };
+    let service = match &target {
+        Target::Service { service, .. } => Some(service.clone()),
+        Target::Workload { .. } => None,
+    };
+    let decision = authorize_tcp(&snap, &down, &target);
     let principal = down
         .peer
         .as_ref()

@@ -884,3 +884,43 @@ async fn throughput() {
         n as f64 / s
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_port_is_authorized_on_the_tcp_chain() {
+    // An ALLOW rule that needs an HTTP attribute is skipped on a TCP port (Envoy semantics), so
+    // with only that policy nothing is allowed; a port-only ALLOW admits the stream.
+    let lab = Lab::new(
+        73,
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: http-only, namespace: foo}
+  spec:
+    targetRefs: [{kind: Service, group: "", name: tcp-echo}]
+    rules: [{to: [{operation: {methods: [GET]}}]}]
+"#,
+    )
+    .await;
+    // Refused on the CONNECT (401), so ztunnel's SOCKS5 entry reports a failure.
+    let r = mesh_test::socks_connect(
+        lab.a.addresses.socks5.unwrap(),
+        ip(lab.net, 2),
+        lab.vip(103, 9000),
+    )
+    .await;
+    assert!(r.is_err(), "denied TCP stream was opened");
+    let lab2 = Lab::new(
+        74,
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: port-ok, namespace: foo}
+  spec:
+    targetRefs: [{kind: Service, group: "", name: tcp-echo}]
+    rules: [{to: [{operation: {ports: ["9000"]}}]}]
+"#,
+    )
+    .await;
+    let s = lab2.dial(lab2.vip(103, 9000)).await;
+    assert_eq!(mesh_test::round_trip(s, b"hello").await.unwrap(), b"hello");
+}
