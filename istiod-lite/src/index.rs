@@ -16,8 +16,10 @@ use mesh_policy::model::{AuthorizationPolicy, PeerAuthentication};
 
 use crate::waypoint::Gateway;
 
-/// The kinds sent verbatim to waypoints (`mesh.config.v1.KubeObject`).
-pub const KUBE_KINDS: [&str; 5] = [
+/// The kinds sent verbatim to waypoints (`mesh.config.v1.KubeObject`). Services too: their
+/// port names and `appProtocol` tell the waypoint HTTP from TCP (docs/waypoint.md).
+pub const KUBE_KINDS: [&str; 6] = [
+    "Service",
     "HTTPRoute",
     "GRPCRoute",
     "AuthorizationPolicy",

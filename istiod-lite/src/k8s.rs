@@ -424,6 +424,24 @@ pub fn gateway_object(ar: &ApiResource, mut o: DynamicObject) -> Converted {
         .map_err(|e| format!("{at}: {e}"))
 }
 
+/// A Service: typed for the translation, verbatim for waypoints (a Service that cannot be
+/// serialized is still used by the translation).
+fn service_objects(s: Service) -> Vec<Object> {
+    let at = format!(
+        "Service {}",
+        index::key(s.metadata.namespace.as_deref(), s.metadata.name.as_deref())
+    );
+    let raw = serde_json::to_value(&s)
+        .map_err(|e| e.to_string())
+        .and_then(|v| index::KubeObject::from_value(&at, v));
+    let mut out = vec![Object::Service(s)];
+    match raw {
+        Ok(r) => out.push(Object::Kube(r)),
+        Err(reason) => warn!(object = %at, %reason, "not sent to waypoints"),
+    }
+    out
+}
+
 /// An object kept verbatim for waypoints (no validation here: the waypoint validates).
 pub fn kube_object(ar: &ApiResource, mut o: DynamicObject) -> Converted {
     o.types = Some(TypeMeta {
@@ -577,7 +595,7 @@ impl Source for Kubernetes {
                 shared.clone(),
                 "Service",
                 Api::<Service>::all(c.clone()),
-                |o| Ok(vec![Object::Service(strip(o))]),
+                |o| Ok(service_objects(strip(o))),
                 drain.clone(),
             )
             .instrument(span("Service")),

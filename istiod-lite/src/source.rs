@@ -146,9 +146,13 @@ fn parse_object(at: &str, value: serde_yaml::Value) -> Result<Vec<Object>, Strin
             serde_yaml::from_value(value).map_err(typed)?,
         )],
         "Pod" => vec![Object::Pod(serde_yaml::from_value(value).map_err(typed)?)],
-        "Service" => vec![Object::Service(
-            serde_yaml::from_value(value).map_err(typed)?,
-        )],
+        "Service" => {
+            let raw = verbatim(&what, &value)?;
+            vec![
+                Object::Service(serde_yaml::from_value(value).map_err(typed)?),
+                raw,
+            ]
+        }
         "AuthorizationPolicy" | "PeerAuthentication" => {
             let text = serde_yaml::to_string(&value).map_err(typed)?;
             let set = mesh_policy::parse_objects(at, &text).map_err(|e| e.to_string())?;
@@ -273,7 +277,14 @@ metadata: {name: not-gateway-api}
         let kinds: Vec<_> = objs.iter().map(Object::kind).collect();
         assert_eq!(
             kinds,
-            ["Namespace", "Service", "HTTPRoute", "DestinationRule"]
+            [
+                "Namespace",
+                "Service",
+                "Service",
+                "HTTPRoute",
+                "DestinationRule"
+            ],
+            "a Service is also kept verbatim"
         );
         assert_eq!(rejected.len(), 2, "{rejected:?}");
         assert!(
@@ -282,12 +293,16 @@ metadata: {name: not-gateway-api}
             rejected[0]
         );
         assert!(rejected[1].contains("principal"), "{}", rejected[1]);
-        let Object::Kube(route) = &objs[2] else {
+        let Object::Kube(svc) = &objs[2] else {
+            panic!()
+        };
+        assert_eq!(svc.resource_name(), "Service/foo/echo");
+        let Object::Kube(route) = &objs[3] else {
             panic!()
         };
         assert_eq!(route.resource_name(), "HTTPRoute/foo/echo");
         assert!(!route.json.contains("status"), "{}", route.json);
-        let Object::Kube(dr) = &objs[3] else { panic!() };
+        let Object::Kube(dr) = &objs[4] else { panic!() };
         assert_eq!(dr.resource_name(), "DestinationRule/default/echo");
     }
 }

@@ -1,5 +1,5 @@
 //! The delta ADS server for `istio.workload.Address` and `istio.security.Authorization`
-//! (ztunnels), and `mesh.config.v1.KubeObject` (waypoints: HTTPRoute, GRPCRoute,
+//! (ztunnels), and `mesh.config.v1.KubeObject` (waypoints: Service, HTTPRoute, GRPCRoute,
 //! AuthorizationPolicy, RequestAuthentication and DestinationRule as written, named
 //! `<kind>/<namespace>/<name>`; every subscriber gets all of them, there is no per-waypoint
 //! filtering yet).

@@ -473,6 +473,14 @@ async fn waypoints_get_routes_and_policies_as_written_over_delta_xds() {
     )
     .await;
 
+    create::<Service>(
+        c.ns_api(ns),
+        json!({"metadata": {"name": "reviews"},
+               "spec": {"selector": {"app": "reviews"},
+                        "ports": [{"name": "http", "port": 9080, "appProtocol": "http"}]}}),
+    )
+    .await;
+
     let cp = c.istiod().await;
     let token = c.token(ns, "waypoint", &wp, "istio-ca").await;
     let mut xds = KubeXds::connect(&c, &cp, &token).await;
@@ -484,12 +492,22 @@ async fn waypoints_get_routes_and_policies_as_written_over_delta_xds() {
         format!("GRPCRoute/{ns}/grpc"),
         format!("HTTPRoute/{ns}/reviews"),
         format!("RequestAuthentication/{ns}/jwt"),
+        format!("Service/{ns}/reviews"),
     ];
-    assert_eq!(
-        xds.held.keys().cloned().collect::<Vec<_>>(),
-        want,
-        "{first:?}"
+    let ours: Vec<String> = xds
+        .held
+        .keys()
+        .filter(|k| k.contains(&format!("/{ns}/")))
+        .cloned()
+        .collect();
+    assert_eq!(ours, want, "{first:?}");
+    assert!(
+        xds.held.contains_key("Service/default/kubernetes"),
+        "every namespace's objects are sent (no per-waypoint filtering yet)"
     );
+    let svc = &xds.held[&want[5]];
+    assert_eq!(svc["apiVersion"], "v1");
+    assert_eq!(svc["spec"]["ports"][0]["appProtocol"], "http", "{svc}");
     let route = &xds.held[&want[3]];
     assert_eq!(route["spec"], route_spec, "the spec as written");
     assert_eq!(route["metadata"]["namespace"], ns);
@@ -540,5 +558,6 @@ async fn waypoints_get_routes_and_policies_as_written_over_delta_xds() {
         );
         xds.next().await;
     }
-    assert_eq!(xds.held.len(), 4);
+    assert!(!xds.held.contains_key(&gone));
+    assert_eq!(xds.held.len(), 6, "{:?}", xds.held.keys());
 }
