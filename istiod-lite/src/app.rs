@@ -165,6 +165,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
                         cluster_id: cfg.cluster_id.clone(),
                         domain_suffix: cfg.domain_suffix.clone(),
                         root_pem: root_pem.clone(),
+                        root_namespace: cfg.root_namespace.clone(),
                     },
                 }
                 .spawn(index_rx.clone(), watcher.clone());

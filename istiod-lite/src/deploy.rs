@@ -28,6 +28,8 @@
 //!   server's garbage collector); nothing here deletes.
 //! - Failures are logged with the Gateway and object names and retried; they never stop the
 //!   control plane or the other Gateways.
+//! - The mesh root is published as ConfigMap `istio-ca-root-cert` in the root namespace (for
+//!   ztunnel) and in every namespace with a waypoint.
 
 use std::{
     collections::{BTreeMap, hash_map::DefaultHasher},
@@ -219,6 +221,15 @@ impl Deployer {
             )
             .instrument(info_span!("deploy", kind = "Service")),
         );
+        tokio::spawn(
+            publish_root(
+                self.client.clone(),
+                self.settings.root_namespace.clone(),
+                self.settings.root_pem.clone(),
+                drain.clone(),
+            )
+            .instrument(info_span!("deploy", configmap = ROOT_CERT_CONFIGMAP)),
+        );
         tokio::spawn(run(self, index, rx, drain).instrument(info_span!("deploy")));
     }
 }
@@ -284,6 +295,39 @@ async fn watch_owned<K>(
         };
         if tx.send(out).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Keeps `istio-ca-root-cert` in the root namespace (ztunnel's `XDS_ROOT_CA`/`CA_ROOT_CA`):
+/// applied at start, retried with backoff until it succeeds, then re-applied every resync.
+async fn publish_root(client: Client, ns: String, root_pem: String, drain: DrainWatcher) {
+    let api = Api::<ConfigMap>::namespaced(client, &ns);
+    let body = render::root_cert(&ns, &root_pem);
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let mut failures = 0;
+    loop {
+        let wait = match api
+            .patch(ROOT_CERT_CONFIGMAP, &pp, &Patch::Apply(&body))
+            .await
+        {
+            Ok(_) => {
+                if failures > 0 {
+                    info!(namespace = %ns, "root ConfigMap applied");
+                }
+                failures = 0;
+                RESYNC
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = backoff(failures);
+                warn!(namespace = %ns, configmap = ROOT_CERT_CONFIGMAP, error = %e, retry_in_s = wait.as_secs(), "applying the mesh root ConfigMap failed (does the namespace exist? istiod-lite needs create and patch on configmaps); retrying");
+                wait
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = drain.signaled() => return,
         }
     }
 }

@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap};
 use kube::{
     Api,
     api::{ApiResource, DynamicObject, PostParams},
@@ -121,7 +121,15 @@ async fn every_manifest_passes_server_dry_run_and_the_rbac_is_enough() {
     }
     let as_istiod = c.write("istiod.kubeconfig", &serde_yaml::to_string(&kc).unwrap());
     // Returns only once every watched kind listed: a missing list/watch verb fails here.
-    let _cp = c.istiod_with(&as_istiod).await;
+    let cp = c.istiod_with(&as_istiod).await;
+    // The mesh root for ztunnel's istiod-ca-cert volume, published in istio-system.
+    let cms: Api<ConfigMap> = c.ns_api("istio-system");
+    let root = eventually("istio-system/istio-ca-root-cert", || {
+        let cms = cms.clone();
+        async move { cms.get_opt("istio-ca-root-cert").await.ok().flatten() }
+    })
+    .await;
+    assert_eq!(root.data.unwrap()["root-cert.pem"], cp.root_pem);
 
     let ns = "mesh-k8s-rbac";
     c.namespace(ns, true).await;

@@ -44,6 +44,17 @@ pub struct Settings {
     pub domain_suffix: String,
     /// PEM of the mesh roots, published as the `istio-ca-root-cert` ConfigMap.
     pub root_pem: String,
+    /// Where the root ConfigMap is also published for ztunnel (`ROOT_NAMESPACE`).
+    pub root_namespace: String,
+}
+
+/// The `istio-ca-root-cert` ConfigMap of `ns` (Istio's name and key).
+pub fn root_cert(ns: &str, root_pem: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": ROOT_CERT_CONFIGMAP, "namespace": ns, "labels": {"istio.io/config": "true"}},
+        "data": {"root-cert.pem": root_pem},
+    })
 }
 
 /// The objects deployed for one Gateway.
@@ -246,11 +257,7 @@ pub fn render(
         "metadata": meta(&name, &labels, &svc_annotations),
         "spec": {"type": "ClusterIP", "selector": {GATEWAY_NAME_LABEL: gw.name()}, "ports": ports},
     });
-    let root_cert = json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": ROOT_CERT_CONFIGMAP, "namespace": ns, "labels": {"istio.io/config": "true"}},
-        "data": {"root-cert.pem": s.root_pem},
-    });
+    let root_cert = root_cert(ns, &s.root_pem);
     Ok(Rendered {
         name,
         service_account,
@@ -387,6 +394,7 @@ mod tests {
             cluster_id: "Kubernetes".into(),
             domain_suffix: "cluster.local".into(),
             root_pem: "ROOT".into(),
+            root_namespace: "istio-system".into(),
         }
     }
 
