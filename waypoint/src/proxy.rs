@@ -11,19 +11,14 @@
 
 use std::{
     collections::HashMap,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    task::{Context, Poll},
+    sync::{Arc, atomic::AtomicU64},
     time::Duration,
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Incoming};
 use mesh_core::{Identity, workload::Service};
 use mesh_policy::{
     rbac::{self, Ctx, HttpView, View},
@@ -40,6 +35,13 @@ use crate::{
     state::{Snapshot, Store, Target},
     upstream::{Body, BoxError, Endpoint, Lb, Upstream},
 };
+
+mod body;
+mod headers;
+
+use body::{CountIn, Finish, ReqBody};
+use headers::authority;
+pub use headers::{HeadFacts, child_traceparent, head_facts, strip_hop_by_hop};
 
 /// Shared by every request.
 pub struct Proxy {
@@ -84,7 +86,7 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-fn full(b: Bytes) -> Body {
+pub(crate) fn full(b: Bytes) -> Body {
     Full::new(b)
         .map_err(|e| -> BoxError { match e {} })
         .boxed_unsync()
@@ -95,129 +97,6 @@ fn local(status: StatusCode, body: &'static str, flag: &'static str, reason: Str
         resp: text(status, body),
         flag,
         reason: Some(reason),
-    }
-}
-
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-];
-
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), keeping `te: trailers` for gRPC and the
-/// upgrade pair when the request is an upgrade.
-pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .collect();
-    let te_trailers = h
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().contains("trailers"));
-    for n in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(listed) {
-        if keep_upgrade && (n == "upgrade" || n == "connection") {
-            continue;
-        }
-        h.remove(n.as_str());
-    }
-    if te_trailers {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-/// A W3C `traceparent` for the upstream hop: the caller's trace id with a new span id, or a
-/// new trace when the caller sent none (or an invalid one).
-pub fn child_traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
-    let parsed = incoming.and_then(|v| v.to_str().ok()).and_then(|s| {
-        let parts: Vec<&str> = s.split('-').collect();
-        let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit());
-        (parts.len() >= 4
-            && hex(parts[0], 2)
-            && parts[0] != "ff"
-            && hex(parts[1], 32)
-            && parts[1] != "0".repeat(32)
-            && hex(parts[2], 16)
-            && hex(parts[3], 2))
-        .then(|| (parts[1].to_ascii_lowercase(), parts[3].to_ascii_lowercase()))
-    });
-    match parsed {
-        Some((trace, flags)) => {
-            let span: u64 = rand::random::<u64>().max(1);
-            HeaderValue::try_from(format!("00-{trace}-{span:016x}-{flags}"))
-                .unwrap_or_else(|_| mesh_hbone::header::new_traceparent())
-        }
-        None => mesh_hbone::header::new_traceparent(),
-    }
-}
-
-/// The request's effective authority: `:authority` (HTTP/2) or `Host` (HTTP/1.1).
-fn authority<B>(req: &Request<B>) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default()
-}
-
-/// What the request-head path decides from a head alone (pure; the fuzz target's entry).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeadFacts {
-    pub authority: String,
-    /// The normalized path policy sees, or why the request is a 400.
-    pub policy_path: Result<String, String>,
-    /// `(route, rule)` of the matching entry of `table`.
-    pub route: Option<(String, usize)>,
-    /// The upstream request target after the matched rule's URLRewrite.
-    pub upstream_path: String,
-    pub traceparent: String,
-    /// Headers left after hop-by-hop removal and the rule's header edits.
-    pub upstream_headers: usize,
-}
-
-/// Runs the head-only steps of authorize/route/upstream on `req` against a route table.
-pub fn head_facts<B>(
-    req: &Request<B>,
-    table: &[Entry],
-    mode: mesh_policy::path::PathNormalization,
-) -> HeadFacts {
-    let head = route::RequestHead {
-        method: req.method(),
-        path: req.uri().path(),
-        query: req.uri().query(),
-        headers: req.headers(),
-    };
-    let entry = route::select(table, &head);
-    let mut headers = req.headers().clone();
-    let upgrade = headers.contains_key(header::UPGRADE);
-    strip_hop_by_hop(&mut headers, upgrade);
-    let mut upstream_path = req.uri().path().to_string();
-    if let Some(e) = entry {
-        e.rule().request_headers.apply(&mut headers);
-        if let Some(p) = e.rule().rewrite.as_ref().and_then(|r| r.path.as_ref()) {
-            upstream_path = route::rewrite_path(&upstream_path, p, e.matched());
-        }
-    }
-    let tp = child_traceparent(req.headers().get("traceparent"));
-    HeadFacts {
-        authority: authority(req),
-        policy_path: mesh_policy::path::normalize(req.uri().path(), mode)
-            .map_err(|e| e.to_string()),
-        route: entry.map(|e| (e.route.key(), e.rule)),
-        upstream_path,
-        traceparent: tp.to_str().unwrap_or_default().to_string(),
-        upstream_headers: headers.len(),
     }
 }
 
@@ -272,123 +151,6 @@ fn set_destination(l: &mut RequestLabels, ep: &Endpoint) {
     l.destination_version = w.canonical_revision().to_string();
     if !w.cluster_id.is_empty() {
         l.destination_cluster = w.cluster_id.clone();
-    }
-}
-
-/// A request body that is either buffered (replayable for retries and mirrors) or streamed.
-enum ReqBody {
-    Buffered(Bytes),
-    Streaming(Option<Body>),
-}
-
-impl ReqBody {
-    fn take(&mut self) -> Option<Body> {
-        match self {
-            ReqBody::Buffered(b) => Some(full(b.clone())),
-            ReqBody::Streaming(s) => s.take(),
-        }
-    }
-    fn replayable(&self) -> bool {
-        matches!(self, ReqBody::Buffered(_))
-    }
-}
-
-/// Counts request body bytes as hyper pulls them.
-struct CountIn<B> {
-    inner: B,
-    n: Arc<AtomicU64>,
-}
-
-impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for CountIn<B>
-where
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            self.n.fetch_add(d.len() as u64, Ordering::Relaxed);
-        }
-        r.map(|o| o.map(|r| r.map_err(Into::into)))
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The response body: counts bytes, reads `grpc-status` from trailers, and records the
-/// request (log line + metrics) once, at the end of the body or when it is dropped.
-struct Finish {
-    inner: Body,
-    record: Option<Record>,
-    started: Instant,
-    bytes_in: Arc<AtomicU64>,
-    metrics: Arc<Metrics>,
-}
-
-impl Finish {
-    fn done(&mut self) {
-        if let Some(mut r) = self.record.take() {
-            r.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-            r.request_bytes = self.bytes_in.load(Ordering::Relaxed);
-            r.finish(&self.metrics);
-        }
-    }
-}
-
-impl Drop for Finish {
-    fn drop(&mut self) {
-        self.done();
-    }
-}
-
-impl hyper::body::Body for Finish {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    let n = d.len() as u64;
-                    if let Some(rec) = self.record.as_mut() {
-                        rec.response_bytes += n;
-                    }
-                } else if let Some(t) = f.trailers_ref()
-                    && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok())
-                    && let Some(rec) = self.record.as_mut()
-                {
-                    rec.labels.grpc_response_status = s.to_string();
-                }
-            }
-            Poll::Ready(None) => self.done(),
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(rec) = self.record.as_mut() {
-                    rec.labels.response_flags = "UPE";
-                }
-                self.done();
-            }
-            Poll::Pending => {}
-        }
-        r
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -1169,63 +931,5 @@ fn redirect(
         resp,
         flag: "-",
         reason: Some("RequestRedirect".into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn traceparent_keeps_trace_id_and_flags() {
-        let inc =
-            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-        let out = child_traceparent(Some(&inc));
-        let s = out.to_str().unwrap();
-        assert!(s.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{s}");
-        assert!(s.ends_with("-01"));
-        assert!(!s.contains("00f067aa0ba902b7"));
-        let fresh = child_traceparent(Some(&HeaderValue::from_static("garbage")));
-        assert_eq!(fresh.to_str().unwrap().len(), 55);
-    }
-
-    #[test]
-    fn head_facts_rewrite_and_route() {
-        let y = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /api}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}]\n";
-        let Some(crate::objects::KubeObject::HttpRoute(r)) =
-            crate::objects::parse_object(&serde_yaml::from_str(y).unwrap()).unwrap()
-        else {
-            panic!()
-        };
-        let table = route::order(&[Arc::new(route::compile_http(&r).unwrap())]);
-        let req = Request::builder()
-            .uri("/api/x/../y?q=1")
-            .header("host", "echo:80")
-            .header("connection", "close")
-            .body(())
-            .unwrap();
-        let f = head_facts(&req, &table, mesh_policy::path::PathNormalization::Base);
-        assert_eq!(f.authority, "echo:80");
-        assert_eq!(f.route, Some(("default/r".into(), 0)));
-        assert_eq!(f.upstream_path, "/v2/x/../y");
-        assert_eq!(f.policy_path.as_deref(), Ok("/api/y"));
-        assert_eq!(f.upstream_headers, 1);
-    }
-
-    #[test]
-    fn hop_by_hop_headers_go_but_te_trailers_stays() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert("x-keep", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, false);
-        assert!(h.get("x-secret").is_none());
-        assert!(h.get(header::CONNECTION).is_none());
-        assert_eq!(h.get(header::TE).unwrap(), "trailers");
-        assert!(h.get("x-keep").is_some());
     }
 }
