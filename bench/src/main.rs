@@ -4,6 +4,7 @@
 //! Every command prints one JSON object on stdout and nothing else there; progress goes to
 //! stderr. Every loop is bounded by a count or a duration.
 
+mod cpscale;
 mod load;
 mod micro;
 
@@ -47,6 +48,20 @@ enum Cmd {
         #[arg(long, default_value_t = 300.0)]
         seconds: f64,
     },
+    /// Control-plane scale: istiod-lite with many pods and services, many xDS clients, one
+    /// change pushed to all of them (push latency, istiod-lite CPU and memory).
+    CpScale {
+        #[arg(long)]
+        istiod_bin: std::path::PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        pods: usize,
+        #[arg(long, default_value_t = 1_000)]
+        services: usize,
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        #[arg(long, default_value_t = 50)]
+        poll_ms: u64,
+    },
     /// Deterministic in-process work for instruction counting (single thread).
     Micro {
         #[command(subcommand)]
@@ -70,6 +85,22 @@ fn main() -> anyhow::Result<()> {
             ready_file,
             seconds,
         } => load::runtime()?.block_on(load::hold(to, count, &ready_file, seconds))?,
+        Cmd::CpScale {
+            istiod_bin,
+            pods,
+            services,
+            clients,
+            poll_ms,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(cpscale::run(cpscale::Params {
+                istiod_bin,
+                pods,
+                services,
+                clients,
+                poll: std::time::Duration::from_millis(poll_ms),
+            }))?,
         Cmd::Micro { what } => micro::run(what)?,
     };
     println!("{out}");
