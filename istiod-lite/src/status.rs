@@ -1,16 +1,15 @@
-//! AuthorizationPolicy status: the `ZtunnelAccepted` condition that `mesh-policy`'s L4
-//! conversion gives each policy ztunnel enforces (Istio's reasons and messages: `Accepted`
-//! "attached to ztunnel", `UnsupportedValue` naming what ztunnel ignores, ...), written with
-//! server-side apply on the `status` subresource (field manager
-//! [`crate::deploy::FIELD_MANAGER`]).
+//! AuthorizationPolicy status, written with server-side apply on the `status` subresource
+//! (field manager [`crate::deploy::FIELD_MANAGER`]):
+//! - `ZtunnelAccepted`, from `mesh-policy`'s L4 conversion of each policy ztunnel enforces
+//!   (Istio's reasons and messages: `Accepted` "attached to ztunnel", `UnsupportedValue`
+//!   naming what ztunnel ignores, ...);
+//! - `WaypointAccepted` for `targetRefs` policies ([`crate::waypoint::policy_conditions`]).
 //!
 //! - The translation publishes the conditions; this task writes a policy's status only when
 //!   its condition differs from the one it last wrote (once per policy after a start). A
 //!   failed write is logged with the policy's name and retried with backoff (1 s doubling to
 //!   60 s); other policies are unaffected.
 //! - `lastTransitionTime` is the time of the write that changed the condition's status.
-//! - Not written yet: `WaypointAccepted` for `targetRefs` policies (it needs the waypoint
-//!   binding of each target).
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -29,13 +28,24 @@ use crate::{deploy::FIELD_MANAGER, k8s::SECURITY_GROUP};
 
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
-/// What was written for one policy, and when its status last changed.
+/// One condition as written, and when its status last changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Written {
+    type_: ConditionType,
     status: &'static str,
     reason: String,
     message: String,
     since: String,
+}
+
+fn same(w: &[Written], cs: &[&Condition]) -> bool {
+    w.len() == cs.len()
+        && w.iter().zip(cs).all(|(w, c)| {
+            w.type_ == c.type_
+                && w.status == c.status
+                && w.reason == c.reason
+                && w.message == c.message
+        })
 }
 
 #[derive(Debug, Default)]
@@ -58,16 +68,24 @@ fn now() -> String {
         .unwrap_or_default()
 }
 
-/// The status body applied for one policy.
-pub fn status_body(api_version: &str, c: &Condition, since: &str) -> serde_json::Value {
-    let (ns, name) = c.policy.split_once('/').unwrap_or(("default", &c.policy));
+/// The status body applied for one policy: its conditions, each with its transition time.
+pub fn status_body(
+    api_version: &str,
+    key: &str,
+    conds: &[(&Condition, String)],
+) -> serde_json::Value {
+    let (ns, name) = key.split_once('/').unwrap_or(("default", key));
+    let conditions: Vec<serde_json::Value> = conds
+        .iter()
+        .map(|(c, since)| {
+            json!({"type": condition_type(c.type_), "status": c.status, "reason": c.reason,
+                   "message": c.message, "lastTransitionTime": since})
+        })
+        .collect();
     json!({
-        "apiVersion": api_version, "kind": c.kind,
+        "apiVersion": api_version, "kind": "AuthorizationPolicy",
         "metadata": {"name": name, "namespace": ns},
-        "status": {"conditions": [{
-            "type": condition_type(c.type_), "status": c.status, "reason": c.reason,
-            "message": c.message, "lastTransitionTime": since,
-        }]},
+        "status": {"conditions": conditions},
     })
 }
 
@@ -104,56 +122,60 @@ async fn run(
         kind: "AuthorizationPolicy".into(),
         plural: "authorizationpolicies".into(),
     };
-    let mut written: BTreeMap<String, Written> = BTreeMap::new();
+    let mut written: BTreeMap<String, Vec<Written>> = BTreeMap::new();
     let mut retries: BTreeMap<String, Retry> = BTreeMap::new();
     loop {
         let conds = conditions.borrow_and_update().clone();
-        let wanted: BTreeMap<&str, &Condition> = conds
-            .iter()
-            .filter(|c| {
-                c.kind == "AuthorizationPolicy" && c.type_ == ConditionType::ZtunnelAccepted
-            })
-            .map(|c| (c.policy.as_str(), c))
-            .collect();
+        let mut wanted: BTreeMap<&str, Vec<&Condition>> = BTreeMap::new();
+        for c in conds.iter().filter(|c| c.kind == "AuthorizationPolicy") {
+            wanted.entry(c.policy.as_str()).or_default().push(c);
+        }
         written.retain(|k, _| wanted.contains_key(k.as_str()));
         retries.retain(|k, _| wanted.contains_key(k.as_str()));
         let t = Instant::now();
-        for (key, c) in &wanted {
+        for (key, cs) in &wanted {
             let prev = written.get(*key);
-            let same = prev.is_some_and(|w| {
-                w.status == c.status && w.reason == c.reason && w.message == c.message
-            });
             let due = retries
                 .get(*key)
                 .and_then(|r| r.at)
                 .is_none_or(|at| at <= t);
-            if same || !due {
+            if prev.is_some_and(|w| same(w, cs)) || !due {
                 continue;
             }
-            let since = match prev {
-                Some(w) if w.status == c.status => w.since.clone(),
-                _ => now(),
-            };
+            let with_since: Vec<(&Condition, String)> = cs
+                .iter()
+                .map(|c| {
+                    let since = prev
+                        .and_then(|w| {
+                            w.iter()
+                                .find(|w| w.type_ == c.type_ && w.status == c.status)
+                        })
+                        .map_or_else(now, |w| w.since.clone());
+                    (*c, since)
+                })
+                .collect();
             let (ns, name) = key.split_once('/').unwrap_or(("default", key));
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
             let r = api
                 .patch_status(
                     name,
                     &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&status_body(&ar.api_version, c, &since)),
+                    &Patch::Apply(&status_body(&ar.api_version, key, &with_since)),
                 )
                 .await;
             match r {
                 Ok(_) => {
-                    written.insert(
-                        (*key).to_owned(),
-                        Written {
+                    let w = with_since
+                        .into_iter()
+                        .map(|(c, since)| Written {
+                            type_: c.type_,
                             status: c.status,
                             reason: c.reason.clone(),
                             message: c.message.clone(),
                             since,
-                        },
-                    );
+                        })
+                        .collect();
+                    written.insert((*key).to_owned(), w);
                     retries.remove(*key);
                 }
                 // Deleted meanwhile: the next translation drops it.
@@ -196,7 +218,18 @@ mod tests {
             "Accepted",
             "attached to ztunnel",
         );
-        let b = status_body("security.istio.io/v1", &c, "T");
+        let w = Condition::new(
+            "foo/deny",
+            ConditionType::WaypointAccepted,
+            false,
+            "TargetNotFound",
+            "x",
+        );
+        let b = status_body(
+            "security.istio.io/v1",
+            "foo/deny",
+            &[(&c, "T".into()), (&w, "U".into())],
+        );
         assert_eq!(b["metadata"], json!({"name": "deny", "namespace": "foo"}));
         assert_eq!(b["kind"], "AuthorizationPolicy");
         assert_eq!(
@@ -204,5 +237,7 @@ mod tests {
             json!({"type": "ZtunnelAccepted", "status": "True", "reason": "Accepted",
                    "message": "attached to ztunnel", "lastTransitionTime": "T"})
         );
+        assert_eq!(b["status"]["conditions"][1]["type"], "WaypointAccepted");
+        assert_eq!(b["status"]["conditions"][1]["lastTransitionTime"], "U");
     }
 }

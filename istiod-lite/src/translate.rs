@@ -65,7 +65,8 @@ pub struct Resources {
     pub authorizations: Vec<Authorization>,
     /// Why something was left out or changed, one line each (for logs and status).
     pub notes: Vec<String>,
-    /// Each converted policy's status condition (`ZtunnelAccepted`), as Istio reports it.
+    /// Policies' status conditions (`ZtunnelAccepted`, `WaypointAccepted`), as Istio reports
+    /// them.
     pub conditions: Vec<mesh_policy::mesh::Condition>,
 }
 
@@ -260,6 +261,11 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
     // once per translation (mesh-policy's copy of istiod's ambient index).
     let converted = mesh_policy::istiod::resources(&set, &s.mesh);
     out.conditions = converted.conditions.clone();
+    out.conditions.extend(waypoint::policy_conditions(
+        idx,
+        &s.mesh.root_namespace,
+        &s.domain_suffix,
+    ));
     for c in &converted.conditions {
         if !(c.reason == "Accepted" && c.message == "attached to ztunnel") {
             out.notes

@@ -306,6 +306,109 @@ pub fn resolve(
     }
 }
 
+/// `WaypointAccepted` for every `targetRefs` AuthorizationPolicy, as istiod reports it
+/// (waypoint-semantics.md §4.2): each Gateway, GatewayClass or Service reference must resolve
+/// to a waypoint; all do → `Accepted` ("bound to ns/waypoint"); some do → `PartiallyInvalid`;
+/// none → the first failure's reason (`TargetNotFound`, `AncestorNotBound`, `Invalid`). Pure.
+pub fn policy_conditions(
+    idx: &Index,
+    root_namespace: &str,
+    domain_suffix: &str,
+) -> Vec<mesh_policy::mesh::Condition> {
+    use mesh_policy::mesh::{Condition, ConditionType::WaypointAccepted};
+    let mut out = Vec::new();
+    for p in idx.authorization_policies.values() {
+        let refs = p.spec.all_target_refs();
+        if refs.is_empty() {
+            continue;
+        }
+        let ns = p.namespace();
+        let mut bound = Vec::new();
+        let mut failures: Vec<(&str, String)> = Vec::new();
+        for r in refs {
+            if r.is_gateway_class() {
+                if ns != root_namespace {
+                    failures.push(("Invalid", format!("AuthorizationPolicy must be in the root namespace `{root_namespace}` when referencing a GatewayClass")));
+                } else if r.name != WAYPOINT_CLASS {
+                    failures.push(("Invalid", "GatewayClass must use controller name `istio.io/mesh-controller` for waypoints".to_owned()));
+                } else {
+                    bound.push(format!("GatewayClass {WAYPOINT_CLASS}"));
+                }
+            } else if r.is_gateway() {
+                let key = format!("{ns}/{}", r.name);
+                match idx.gateways.get(&key) {
+                    Some(g) if g.spec.gateway_class_name == WAYPOINT_CLASS => bound.push(key),
+                    Some(_) => failures.push((
+                        "Invalid",
+                        format!("Gateway {key} is not a waypoint (class {WAYPOINT_CLASS})"),
+                    )),
+                    None => {
+                        failures.push(("TargetNotFound", format!("Gateway {key} was not found")))
+                    }
+                }
+            } else if r.is_service() {
+                let key = format!("{ns}/{}", r.name);
+                let Some(svc) = idx.services.get(&key) else {
+                    failures.push(("TargetNotFound", format!("Service {key} was not found")));
+                    continue;
+                };
+                match resolve(
+                    idx,
+                    ns,
+                    svc.metadata.labels.as_ref(),
+                    Target::Service,
+                    domain_suffix,
+                ) {
+                    Binding::Bound { waypoint, .. } => bound.push(waypoint),
+                    _ => failures.push((
+                        "AncestorNotBound",
+                        format!("Service {key} is not bound to a waypoint"),
+                    )),
+                }
+            } else {
+                failures.push((
+                    "Invalid",
+                    format!(
+                        "unsupported targetRef kind {:?} (Gateway, GatewayClass or Service)",
+                        r.kind
+                    ),
+                ));
+            }
+        }
+        bound.dedup();
+        let c = match (bound.is_empty(), failures.first()) {
+            (false, None) => Condition::new(
+                &p.key(),
+                WaypointAccepted,
+                true,
+                "Accepted",
+                format!("bound to {}", bound.join(", ")),
+            ),
+            (false, Some(_)) => Condition::new(
+                &p.key(),
+                WaypointAccepted,
+                true,
+                "PartiallyInvalid",
+                format!(
+                    "bound to {}; {}",
+                    bound.join(", "),
+                    failures
+                        .iter()
+                        .map(|(_, m)| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            ),
+            (true, Some((reason, msg))) => {
+                Condition::new(&p.key(), WaypointAccepted, false, reason, msg.clone())
+            }
+            (true, None) => continue,
+        };
+        out.push(c);
+    }
+    out
+}
+
 /// True for the waypoint's own pods and Services (they are never redirected to a waypoint).
 pub fn is_waypoint_object(labels: Option<&BTreeMap<String, String>>) -> bool {
     labels.is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL))
@@ -392,6 +495,54 @@ spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, p
                 hostname: "waypoint.foo.svc.cluster.local".into()
             })
         );
+    }
+
+    // waypoint-semantics.md §4.2 (reasons of istiod's WaypointAccepted).
+    #[test]
+    fn targetref_policies_get_waypoint_accepted() {
+        let idx = index(&format!(
+            "{GW}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bound, namespace: foo, labels: {{istio.io/use-waypoint: waypoint}}}}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {{name: plain, namespace: foo}}\n{}",
+            ns("foo", &[]),
+            [
+                ("gw", "[{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]"),
+                ("svc", "[{kind: Service, group: \"\", name: bound}]"),
+                ("unbound", "[{kind: Service, group: \"\", name: plain}]"),
+                ("missing", "[{kind: Gateway, group: gateway.networking.k8s.io, name: nope}]"),
+                ("partly", "[{kind: Service, group: \"\", name: bound}, {kind: Service, group: \"\", name: plain}]"),
+                ("class", "[{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]"),
+            ]
+            .iter()
+            .map(|(n, refs)| format!("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {n}, namespace: foo}}\nspec: {{targetRefs: {refs}, rules: [{{}}]}}\n"))
+            .collect::<String>()
+        ));
+        let got: BTreeMap<String, (String, String, String)> =
+            policy_conditions(&idx, "istio-system", "cluster.local")
+                .into_iter()
+                .map(|c| (c.policy, (c.status.to_owned(), c.reason, c.message)))
+                .collect();
+        let r = |k: &str| got[&format!("foo/{k}")].clone();
+        assert_eq!(
+            r("gw"),
+            (
+                "True".into(),
+                "Accepted".into(),
+                "bound to foo/waypoint".into()
+            )
+        );
+        assert_eq!(r("svc").1, "Accepted");
+        assert_eq!(
+            r("unbound"),
+            (
+                "False".into(),
+                "AncestorNotBound".into(),
+                "Service foo/plain is not bound to a waypoint".into()
+            )
+        );
+        assert_eq!(r("missing").1, "TargetNotFound");
+        assert_eq!(r("partly").1, "PartiallyInvalid");
+        assert_eq!(r("class").1, "Invalid", "{:?}", r("class"));
+        assert!(r("class").2.contains("root namespace"));
     }
 
     #[test]

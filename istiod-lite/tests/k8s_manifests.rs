@@ -2,8 +2,8 @@
 //! manifest passes `kubectl apply --dry-run=server` (the CRDs and the namespace applied for
 //! real first), the kustomize base lists every file, and istiod-lite running as its own
 //! ServiceAccount (`istio-system/istiod`, impersonated) with only the shipped ClusterRole
-//! lists every kind it watches, deploys a waypoint and writes its status, and writes an
-//! AuthorizationPolicy's `ZtunnelAccepted` condition.
+//! lists every kind it watches, deploys a waypoint and writes its status, and writes
+//! AuthorizationPolicies' `ZtunnelAccepted` and `WaypointAccepted` conditions.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -207,4 +207,27 @@ async fn every_manifest_passes_server_dry_run_and_the_rbac_is_enough() {
         }
     })
     .await;
+    // A targetRefs policy on the waypoint: WaypointAccepted, bound to it.
+    let wp_policy: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "at-waypoint"},
+        "spec": {"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}],
+                 "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}
+    }))
+    .unwrap();
+    aps.create(&PostParams::default(), &wp_policy)
+        .await
+        .unwrap();
+    let cond = eventually("the policy's WaypointAccepted", || {
+        let aps = aps.clone();
+        async move {
+            let p = aps.get("at-waypoint").await.ok()?;
+            let conds = p.data.get("status")?.get("conditions")?.as_array()?.clone();
+            conds.into_iter().find(|c| c["type"] == "WaypointAccepted")
+        }
+    })
+    .await;
+    assert_eq!(cond["status"], "True", "{cond}");
+    assert_eq!(cond["reason"], "Accepted", "{cond}");
+    assert_eq!(cond["message"], format!("bound to {ns}/waypoint"), "{cond}");
 }
