@@ -7,6 +7,10 @@
 //! rejected resource and the field that is wrong. Rejected resources are not applied (the
 //! previous version, if any, stays); the rest of the response is.
 //!
+//! The session loop (ACK/NACK, reconnect, resync) is `mesh_xds::client`, shared with the
+//! waypoint; this module is ztunnel's [`Handler`]: Address and Authorization resources →
+//! [`StateStore`] changes, through `mesh_proto::convert`.
+//!
 //! Invariants:
 //! - the data plane never loses configuration because the control plane went away: on any
 //!   stream error the state is kept, the client reconnects with capped, jittered backoff and
@@ -14,52 +18,29 @@
 //!   what changed and remove what disappeared meanwhile;
 //! - readiness (`config`) is released once the first response of every type is applied.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::collections::BTreeMap;
 
 use mesh_proto::{
     convert::{self, AddressResource},
-    envoy::service::discovery::v3::{
-        DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status,
-        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-    },
+    envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node},
     istio::{security as pbs, workload as pbw},
     type_url,
 };
 use mesh_rt::drain::DrainWatcher;
 use prost::Message;
 use prost_types::{Struct, Value, value::Kind};
-use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tokio::sync::watch;
+
+pub use mesh_xds::client::{Applied, Handler, Known, Rejected, XdsError, initial_request};
 
 use crate::{
     config::ControlPlane,
-    controlplane::{self, ControlPlaneError, Credentials},
+    controlplane::{self, Credentials},
     state::{Change, StateStore},
 };
 
 /// The types this client subscribes to, in the order they are requested.
 pub const TYPES: [&str; 2] = [type_url::ADDRESS, type_url::AUTHORIZATION];
-
-const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(15);
-/// gRPC INVALID_ARGUMENT, the code a NACK carries.
-const INVALID_ARGUMENT: i32 = 3;
-
-/// Why a stream ended.
-#[derive(Debug, thiserror::Error)]
-pub enum XdsError {
-    #[error(transparent)]
-    ControlPlane(#[from] ControlPlaneError),
-    #[error(
-        "control plane refused the stream: {0} (check XDS_ADDRESS, that the control plane is up, and the service-account token)"
-    )]
-    Status(#[from] tonic::Status),
-    #[error("control plane closed the stream")]
-    Closed,
-}
 
 /// Who this ztunnel is, for the control plane.
 #[derive(Debug, Clone)]
@@ -96,22 +77,38 @@ impl NodeInfo {
     }
 }
 
-/// What one response did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Applied {
-    pub updated: usize,
-    pub removed: usize,
-    /// `name: field: reason` for each resource not applied.
-    pub rejected: Vec<String>,
+/// ztunnel's handler: decodes and validates resources, applies them to the state in one batch.
+#[derive(Debug, Clone)]
+pub struct StateHandler {
+    pub state: StateStore,
 }
 
-/// The resource names held per type: what a reconnect announces.
-#[derive(Debug, Default)]
-pub struct Known(BTreeMap<String, BTreeSet<String>>);
-
-impl Known {
-    fn names(&self, type_url: &str) -> impl Iterator<Item = &String> {
-        self.0.get(type_url).into_iter().flatten()
+impl Handler for StateHandler {
+    fn apply(
+        &mut self,
+        kind: &str,
+        resources: Vec<(String, Vec<u8>)>,
+        removed: &[String],
+    ) -> Vec<Rejected> {
+        let mut changes = Vec::with_capacity(resources.len() + removed.len());
+        let mut rejected = Vec::new();
+        for (name, body) in resources {
+            match decode(kind, &body) {
+                Ok(change) => changes.push(change),
+                Err(reason) => rejected.push(Rejected { name, reason }),
+            }
+        }
+        for name in removed {
+            changes.push(if kind == type_url::ADDRESS {
+                Change::RemoveAddress(name.clone())
+            } else {
+                Change::RemovePolicy(name.clone())
+            });
+        }
+        if !changes.is_empty() {
+            self.state.apply(changes);
+        }
+        rejected
     }
 }
 
@@ -121,91 +118,26 @@ pub fn handle_response(
     known: &mut Known,
     resp: DeltaDiscoveryResponse,
 ) -> (DeltaDiscoveryRequest, Applied) {
-    let mut applied = Applied::default();
-    let mut changes = Vec::with_capacity(resp.resources.len() + resp.removed_resources.len());
-    let mut accepted = Vec::new();
-    let kind = resp.type_url.as_str();
-    if !TYPES.contains(&kind) {
-        applied.rejected.push(format!(
-            "type {kind:?} is not one this ztunnel subscribed to"
-        ));
-    } else {
-        for r in resp.resources {
-            let name = r.name.clone();
-            match decode(kind, r.resource) {
-                Ok(change) => {
-                    changes.push(change);
-                    accepted.push(name);
-                }
-                Err(e) => applied.rejected.push(format!("{name}: {e}")),
-            }
-        }
-        for name in &resp.removed_resources {
-            changes.push(if kind == type_url::ADDRESS {
-                Change::RemoveAddress(name.clone())
-            } else {
-                Change::RemovePolicy(name.clone())
-            });
-        }
-        applied.updated = accepted.len();
-        applied.removed = resp.removed_resources.len();
-        if !changes.is_empty() {
-            state.apply(changes);
-        }
-        let set = known.0.entry(kind.to_owned()).or_default();
-        for n in &resp.removed_resources {
-            set.remove(n);
-        }
-        set.extend(accepted);
-    }
-    let error_detail = (!applied.rejected.is_empty()).then(|| Status {
-        code: INVALID_ARGUMENT,
-        message: applied.rejected.join("; "),
-        details: vec![],
-    });
-    let ack = DeltaDiscoveryRequest {
-        type_url: resp.type_url,
-        response_nonce: resp.nonce,
-        error_detail,
-        ..Default::default()
+    let mut h = StateHandler {
+        state: state.clone(),
     };
-    (ack, applied)
+    mesh_xds::client::handle_response(&mut h, &TYPES, "ztunnel", known, resp)
 }
 
-fn decode(kind: &str, any: Option<prost_types::Any>) -> Result<Change, String> {
-    let any = any.ok_or("resource has no body")?;
-    if !any.type_url.is_empty() && any.type_url != kind {
-        return Err(format!(
-            "resource of type {:?} in a {kind:?} response",
-            any.type_url
-        ));
-    }
+fn decode(kind: &str, body: &[u8]) -> Result<Change, String> {
     if kind == type_url::ADDRESS {
-        let a = pbw::Address::decode(any.value.as_slice())
+        let a = pbw::Address::decode(body)
             .map_err(|e| format!("not a valid istio.workload.Address: {e}"))?;
         match convert::address_from_proto(a).map_err(|e| e.to_string())? {
             AddressResource::Workload(w) => Ok(Change::Workload(w)),
             AddressResource::Service(s) => Ok(Change::Service(s)),
         }
     } else {
-        let a = pbs::Authorization::decode(any.value.as_slice())
+        let a = pbs::Authorization::decode(body)
             .map_err(|e| format!("not a valid istio.security.Authorization: {e}"))?;
         Ok(Change::Policy(
             convert::authorization_from_proto(a).map_err(|e| e.to_string())?,
         ))
-    }
-}
-
-/// The first request of a type on a stream: a wildcard subscription plus what we hold.
-pub fn initial_request(node: &Node, kind: &str, known: &Known) -> DeltaDiscoveryRequest {
-    DeltaDiscoveryRequest {
-        node: Some(node.clone()),
-        type_url: kind.to_owned(),
-        initial_resource_versions: known
-            .names(kind)
-            .map(|n| (n.clone(), String::new()))
-            .collect(),
-        ..Default::default()
     }
 }
 
@@ -222,71 +154,17 @@ pub struct XdsClient {
 impl XdsClient {
     /// Runs until drained, reconnecting as needed.
     pub async fn run(self, drain: DrainWatcher) {
-        let mut known = Known::default();
-        let mut backoff = INITIAL_BACKOFF;
-        loop {
-            let started = tokio::time::Instant::now();
-            match self.session(&mut known, &drain).await {
-                Ok(()) => return,
-                Err(e) => {
-                    if started.elapsed() > Duration::from_secs(30) {
-                        backoff = INITIAL_BACKOFF;
-                    }
-                    let jitter = Duration::from_millis(rand::random::<u64>() % 100);
-                    warn!(error = %e, retry_in_ms = (backoff + jitter).as_millis() as u64, address = %self.endpoint.address,
-                        "xDS stream ended; keeping the last configuration and reconnecting");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff + jitter) => {}
-                        () = drain.signaled() => return,
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
+        mesh_xds::Client {
+            endpoint: controlplane::endpoint(&self.endpoint),
+            credentials: self.credentials,
+            node: self.node.to_node(),
+            types: TYPES.to_vec(),
+            who: "ztunnel",
+            handler: StateHandler { state: self.state },
+            synced: self.synced,
         }
-    }
-
-    async fn session(&self, known: &mut Known, drain: &DrainWatcher) -> Result<(), XdsError> {
-        let channel = controlplane::channel(&self.endpoint)?;
-        let mut client =
-            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
-        let node = self.node.to_node();
-        let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(TYPES.len() + 2);
-        for kind in TYPES {
-            // Cannot fail: the receiver is alive and the buffer holds every initial request.
-            let _ = tx.try_send(initial_request(&node, kind, known));
-        }
-        let outbound = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let mut stream = client
-            .delta_aggregated_resources(self.credentials.request(outbound))
-            .await?
-            .into_inner();
-        info!(address = %self.endpoint.address, resources = known.0.values().map(BTreeSet::len).sum::<usize>(), "xDS stream established");
-        let mut seen: BTreeSet<String> = BTreeSet::new();
-        loop {
-            let msg = tokio::select! {
-                m = stream.message() => m?,
-                () = drain.signaled() => return Ok(()),
-            };
-            let Some(resp) = msg else {
-                return Err(XdsError::Closed);
-            };
-            let kind = resp.type_url.clone();
-            let (ack, applied) = handle_response(&self.state, known, resp);
-            if applied.rejected.is_empty() {
-                debug!(type_url = %kind, updated = applied.updated, removed = applied.removed, "xDS update applied");
-            } else {
-                warn!(type_url = %kind, updated = applied.updated, removed = applied.removed,
-                    rejected = %applied.rejected.join("; "), "xDS update partly rejected (NACK sent)");
-            }
-            if tx.send(ack).await.is_err() {
-                return Err(XdsError::Closed);
-            }
-            seen.insert(kind);
-            if !*self.synced.borrow() && TYPES.iter().all(|t| seen.contains(*t)) {
-                info!("initial xDS configuration applied");
-                self.synced.send_replace(true);
-            }
-        }
+        .run(drain)
+        .await
     }
 }
 
