@@ -1,7 +1,9 @@
 //! Wiring: bind every port → load the configuration → start servers → ready; then drain.
 //!
 //! `build` returns [`Bound`] with every real address (tests bind port 0). Readiness blockers:
-//! `config` (first file loaded) and `certificates` (the waypoint's own certificate issued).
+//! `config` (the file loaded, or the first complete xDS sync: every subscribed type answered
+//! once) and `certificates` (the waypoint's own certificate issued, by the local CA or the
+//! Istio CA).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -13,12 +15,12 @@ use mesh_rt::{
 };
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::mpsc};
-use tracing::{error, info, warn};
-use ztunnel::identity::{LocalCaProvider, SecretManager};
+use tracing::{Instrument, error, info, warn};
+use ztunnel::identity::{CertProvider, LocalCaProvider, SecretManager, caclient::IstioCaProvider};
 
 use crate::{
     admin::{self, AdminState},
-    config::{Config, ConfigSource},
+    config::{CertSource, Config, ConfigSource},
     metrics::Metrics,
     proxy::Proxy,
     ratelimit::Limiter,
@@ -74,18 +76,71 @@ pub async fn build(cfg: Config, log: Option<LogHandle>) -> anyhow::Result<Bound>
     let cert_block = ready.register("certificates");
     let (trigger, watcher) = drain::new();
 
-    let ConfigSource::File(path) = cfg.source.clone();
-    let snapshot = state::load(&path).context("loading the waypoint configuration")?;
-    let store = Store::new(snapshot);
-    drop(config_block);
+    let credentials = mesh_xds::Credentials {
+        token_path: cfg.auth_token_path.clone(),
+        cluster_id: cfg.cluster_id.clone(),
+    };
+    let (store, own_id) = match &cfg.source {
+        ConfigSource::File(path) => {
+            let snapshot = state::load(path).context("loading the waypoint configuration")?;
+            let id = snapshot.waypoint.as_ref().map(|w| w.identity.clone());
+            drop(config_block);
+            (Store::new(snapshot), id)
+        }
+        ConfigSource::Xds(x) => {
+            let store = Store::new(state::Snapshot::build(
+                x.waypoint.clone(),
+                ztunnel::state::State::default(),
+                Vec::new(),
+                Vec::new(),
+            ));
+            let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
+            let client = mesh_xds::Client {
+                endpoint: x.endpoint.clone(),
+                credentials: credentials.clone(),
+                node: x.node.to_node(),
+                types: crate::xds::TYPES.to_vec(),
+                who: "waypoint",
+                handler: crate::xds::WaypointHandler::new(x.waypoint.clone(), store.clone()),
+                synced: synced_tx,
+            };
+            tokio::spawn(
+                client
+                    .run(watcher.clone())
+                    .instrument(tracing::info_span!("xds")),
+            );
+            tokio::spawn(async move {
+                if synced.wait_for(|s| *s).await.is_ok() {
+                    drop(config_block);
+                }
+            });
+            (store, Some(x.waypoint.identity.clone()))
+        }
+    };
 
     let mut trust = mesh_tls::TrustPolicy::new(&cfg.trust_domain);
     trust
         .trust_domains
         .extend(cfg.trust_domain_aliases.iter().cloned());
-    let provider = LocalCaProvider::load(&cfg.local_ca_dir, cfg.local_ca_cert_ttl)
-        .context("loading the local CA")?;
-    let secrets = Arc::new(SecretManager::new(Arc::new(provider), trust));
+    let provider: Arc<dyn CertProvider> = match &cfg.cert_source {
+        CertSource::LocalCa { dir, ttl } => {
+            Arc::new(LocalCaProvider::load(dir, *ttl).context("loading the local CA")?)
+        }
+        CertSource::IstioCa { endpoint, ttl } => Arc::new(
+            IstioCaProvider::new(
+                &ztunnel::config::ControlPlane {
+                    address: endpoint.address.clone(),
+                    authority: endpoint.authority.clone(),
+                    server_name: endpoint.server_name.clone(),
+                    root_ca: endpoint.root_ca.clone(),
+                },
+                credentials,
+                *ttl,
+            )
+            .context("setting up the Istio CA client")?,
+        ),
+    };
+    let secrets = Arc::new(SecretManager::new(provider, trust));
     secrets.spawn_renewer(Duration::from_secs(10));
 
     let mut registry = Registry::default();
@@ -138,10 +193,12 @@ pub async fn build(cfg: Config, log: Option<LogHandle>) -> anyhow::Result<Bound>
         secrets.clone(),
         watcher.clone(),
     ));
-    tokio::spawn(watch_config(store.clone(), path, watcher.clone()));
+    if let ConfigSource::File(path) = &cfg.source {
+        tokio::spawn(watch_config(store.clone(), path.clone(), watcher.clone()));
+    }
     {
         let secrets = secrets.clone();
-        let id = store.get().waypoint.as_ref().map(|w| w.identity.clone());
+        let id = own_id;
         tokio::spawn(async move {
             let Some(id) = id else { return };
             let mut backoff = Duration::from_millis(100);

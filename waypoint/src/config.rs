@@ -3,12 +3,23 @@
 //! [`Args`] is what the operator typed (every flag has an environment variable); [`Config`]
 //! is the validated result the rest of the program receives. All problems are reported
 //! together and `main` exits with status 64 (EX_USAGE).
+//!
+//! Two sources: a local file (`WAYPOINT_CONFIG`) or the control plane (`XDS_ADDRESS`, with
+//! the variables istiod-lite's waypoint Deployment sets: `XDS_ROOT_CA`, `CA_ADDRESS`,
+//! `CA_ROOT_CA`, `AUTH_TOKEN_PATH`, `TRUST_DOMAIN`, `CLUSTER_ID`, `POD_NAME`,
+//! `POD_NAMESPACE`, `INSTANCE_IP`, `SERVICE_ACCOUNT`, `NODE_NAME`, and `GATEWAY_NAME`).
+//! Certificates come from a local CA (`LOCAL_CA_DIR`) or Istio's CA (`CA_ADDRESS`, which
+//! defaults to `XDS_ADDRESS`).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
+use mesh_core::Identity;
 use mesh_rt::config::parse_duration;
+use mesh_xds::ControlPlane;
 use serde::Serialize;
+
+use crate::{state::WaypointId, xds::NodeInfo};
 
 /// Where workloads, services and Kubernetes objects come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -16,8 +27,45 @@ use serde::Serialize;
 pub enum ConfigSource {
     /// A local YAML file (`docs/waypoint.md`), re-read when it changes.
     File(PathBuf),
-    // Xds { address, root_ca, token_path }: delta ADS with `istio.workload.Address` and
-    // `mesh.config.v1.KubeObject`; needs ztunnel's generic xDS client moved to a lib first.
+    /// Delta ADS from istiod-lite: `istio.workload.Address` and `mesh.config.v1.KubeObject`.
+    Xds(XdsSource),
+}
+
+/// The control plane, and who this waypoint is to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XdsSource {
+    pub endpoint: ControlPlane,
+    pub node: NodeInfo,
+    /// The Gateway served and the identity presented (from the flags, not from xDS).
+    pub waypoint: WaypointId,
+}
+
+/// Where the waypoint's own certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CertSource {
+    /// A CA directory in Istio's `cacerts` layout (dev and test meshes).
+    LocalCa {
+        dir: PathBuf,
+        #[serde(with = "secs")]
+        ttl: Duration,
+    },
+    /// Istio's `IstioCertificateService/CreateCertificate` (istiod or istiod-lite).
+    IstioCa {
+        endpoint: ControlPlane,
+        #[serde(with = "secs")]
+        ttl: Duration,
+    },
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}s", d.as_secs()))
+    }
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -30,6 +78,74 @@ pub struct Args {
     /// The waypoint's identity, Gateway, workloads, services and objects (YAML).
     #[arg(long, env = "WAYPOINT_CONFIG")]
     pub config: Option<PathBuf>,
+
+    /// The control plane's delta xDS endpoint (istiod-lite), e.g.
+    /// `https://istiod.istio-system.svc:15012`. Mutually exclusive with WAYPOINT_CONFIG.
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+
+    /// Root certificates (PEM) that sign the control plane's serving certificate.
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    pub xds_root_ca: PathBuf,
+
+    /// The name to verify in the control plane's certificate when it differs from the
+    /// address's host.
+    #[arg(long, env = "ALT_XDS_HOSTNAME")]
+    pub alt_xds_hostname: Option<String>,
+
+    /// The Istio CA endpoint; defaults to XDS_ADDRESS. Mutually exclusive with LOCAL_CA_DIR.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+
+    /// Roots that sign the CA's serving certificate; defaults to XDS_ROOT_CA.
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root_ca: Option<PathBuf>,
+
+    /// Like ALT_XDS_HOSTNAME, for the CA; defaults to ALT_XDS_HOSTNAME.
+    #[arg(long, env = "ALT_CA_HOSTNAME")]
+    pub alt_ca_hostname: Option<String>,
+
+    /// Projected service-account token (audience istio-ca), re-read on every request.
+    #[arg(
+        long,
+        env = "AUTH_TOKEN_PATH",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub auth_token_path: PathBuf,
+
+    /// Requested lifetime of certificates from the Istio CA.
+    #[arg(long, env = "SECRET_TTL", default_value = "24h")]
+    pub secret_ttl: String,
+
+    /// Kubernetes cluster id, sent to the control plane.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
+    /// This pod's IP, name and namespace: the xDS node id
+    /// `router~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`. The namespace is the Gateway's.
+    #[arg(long, env = "INSTANCE_IP", default_value = "1.1.1.1")]
+    pub instance_ip: String,
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    pub pod_namespace: String,
+
+    /// The node the pod runs on (node metadata only).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+
+    /// The pod's service account: the identity presented upstream. Defaults to GATEWAY_NAME.
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+
+    /// The Gateway (class istio-waypoint) this waypoint serves, in POD_NAMESPACE: routes
+    /// whose parentRef names it attach here. Defaults to SERVICE_ACCOUNT.
+    #[arg(long, env = "GATEWAY_NAME")]
+    pub gateway_name: Option<String>,
 
     /// Issue the waypoint's certificate from a local CA in Istio's `cacerts` layout.
     #[arg(long, env = "LOCAL_CA_DIR")]
@@ -102,8 +218,9 @@ pub struct Args {
 #[serde(rename_all = "camelCase")]
 pub struct Config {
     pub source: ConfigSource,
-    pub local_ca_dir: PathBuf,
-    pub local_ca_cert_ttl: Duration,
+    pub cert_source: CertSource,
+    pub auth_token_path: PathBuf,
+    pub cluster_id: String,
     pub trust_domain: String,
     pub trust_domain_aliases: Vec<String>,
     pub hbone_addr: SocketAddr,
@@ -129,6 +246,21 @@ impl Args {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let Args {
             config,
+            xds_address,
+            xds_root_ca,
+            alt_xds_hostname,
+            ca_address,
+            ca_root_ca,
+            alt_ca_hostname,
+            auth_token_path,
+            secret_ttl,
+            cluster_id,
+            instance_ip,
+            pod_name,
+            pod_namespace,
+            node_name,
+            service_account,
+            gateway_name,
             local_ca_dir,
             local_ca_cert_ttl,
             trust_domain,
@@ -174,21 +306,115 @@ impl Args {
             &connect_timeout,
             Duration::from_millis(1),
         );
-        let source = match config {
-            Some(p) => ConfigSource::File(p),
-            None => {
+        let secret_ttl = dur("SECRET_TTL", &secret_ttl, Duration::from_secs(60));
+        let xds = xds_address.as_deref().map(|a| {
+            ControlPlane::parse("XDS_ADDRESS", a, alt_xds_hostname.as_deref(), &xds_root_ca)
+        });
+        let source = match (config, xds) {
+            (Some(_), Some(_)) => {
                 errs.push(
-                    "WAYPOINT_CONFIG (--config): required; xDS is not supported yet".to_string(),
+                    "WAYPOINT_CONFIG and XDS_ADDRESS are both set: pick one configuration source"
+                        .to_string(),
+                );
+                ConfigSource::File(PathBuf::new())
+            }
+            (Some(p), None) => ConfigSource::File(p),
+            (None, Some(Ok(endpoint))) => {
+                let gateway = gateway_name
+                    .clone()
+                    .or_else(|| service_account.clone())
+                    .unwrap_or_default();
+                let sa = service_account.clone().unwrap_or_else(|| gateway.clone());
+                if gateway.is_empty() {
+                    errs.push(
+                        "GATEWAY_NAME (--gateway-name): required with XDS_ADDRESS (the waypoint's Gateway; SERVICE_ACCOUNT is used when unset)".to_string(),
+                    );
+                }
+                if pod_namespace.is_empty() {
+                    errs.push(
+                        "POD_NAMESPACE (--pod-namespace): required with XDS_ADDRESS (the Gateway's namespace; set it from metadata.namespace)".to_string(),
+                    );
+                }
+                let identity = match Identity::new(&trust_domain, &pod_namespace, &sa) {
+                    Ok(id) => Some(id),
+                    Err(e) if !gateway.is_empty() && !pod_namespace.is_empty() => {
+                        errs.push(format!("SERVICE_ACCOUNT {sa:?}: {e}"));
+                        None
+                    }
+                    Err(_) => None,
+                };
+                match identity {
+                    Some(identity) => ConfigSource::Xds(XdsSource {
+                        endpoint,
+                        node: NodeInfo {
+                            instance_ip,
+                            pod_name,
+                            pod_namespace: pod_namespace.clone(),
+                            node_name,
+                            cluster_id: cluster_id.clone(),
+                            service_account: sa,
+                            gateway_name: gateway.clone(),
+                        },
+                        waypoint: WaypointId {
+                            name: gateway,
+                            namespace: pod_namespace,
+                            identity,
+                        },
+                    }),
+                    None => ConfigSource::File(PathBuf::new()),
+                }
+            }
+            (None, Some(Err(e))) => {
+                errs.push(e);
+                ConfigSource::File(PathBuf::new())
+            }
+            (None, None) => {
+                errs.push(
+                    "no configuration source: set XDS_ADDRESS (the control plane) or WAYPOINT_CONFIG (--config, a local file)".to_string(),
                 );
                 ConfigSource::File(PathBuf::new())
             }
         };
-        let local_ca_dir = local_ca_dir.unwrap_or_else(|| {
-            errs.push(
-                "LOCAL_CA_DIR (--local-ca-dir): required; the Istio CA client is not wired yet (make one with `meshctl ca create DIR`)".to_string(),
-            );
-            PathBuf::new()
+        // The CA defaults to the xDS endpoint, as istiod serves both on :15012.
+        let ca = ca_address.as_deref().or(xds_address.as_deref()).map(|a| {
+            ControlPlane::parse(
+                if ca_address.is_some() {
+                    "CA_ADDRESS"
+                } else {
+                    "XDS_ADDRESS"
+                },
+                a,
+                alt_ca_hostname.as_deref().or(alt_xds_hostname.as_deref()),
+                ca_root_ca.as_deref().unwrap_or(&xds_root_ca),
+            )
         });
+        let cert_source = match (local_ca_dir, ca) {
+            (Some(_), Some(_)) if ca_address.is_some() => {
+                errs.push(
+                    "LOCAL_CA_DIR and CA_ADDRESS are both set: pick one certificate source"
+                        .to_string(),
+                );
+                None
+            }
+            (Some(dir), _) => Some(CertSource::LocalCa {
+                dir,
+                ttl: local_ca_cert_ttl,
+            }),
+            (None, Some(Ok(endpoint))) => Some(CertSource::IstioCa {
+                endpoint,
+                ttl: secret_ttl,
+            }),
+            (None, Some(Err(e))) => {
+                errs.push(e);
+                None
+            }
+            (None, None) => {
+                errs.push(
+                    "no certificate source: set CA_ADDRESS/XDS_ADDRESS (the Istio CA) or LOCAL_CA_DIR (make one with `meshctl ca create DIR`)".to_string(),
+                );
+                None
+            }
+        };
         if trust_domain.is_empty() || trust_domain.contains('/') {
             errs.push(format!(
                 "TRUST_DOMAIN: {trust_domain:?} is not a trust domain"
@@ -200,13 +426,14 @@ impl Args {
         if max_request_headers_bytes < 1024 {
             errs.push("MAX_REQUEST_HEADERS_BYTES: must be at least 1024".into());
         }
-        if !errs.is_empty() {
+        let Some(cert_source) = cert_source.filter(|_| errs.is_empty()) else {
             return Err(ConfigError(errs));
-        }
+        };
         Ok(Config {
             source,
-            local_ca_dir,
-            local_ca_cert_ttl,
+            cert_source,
+            auth_token_path,
+            cluster_id,
             trust_domain,
             trust_domain_aliases,
             hbone_addr,
@@ -256,5 +483,62 @@ mod tests {
             .unwrap();
         assert_eq!(c.hbone_addr.port(), 15008);
         assert_eq!(c.protocol_detection_timeout, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn xds_takes_the_deployment_variables_and_defaults_the_ca_to_it() {
+        let c = Args::try_parse_from([
+            "waypoint",
+            "--xds-address",
+            "https://istiod.istio-system.svc:15012",
+            "--pod-namespace",
+            "foo",
+            "--pod-name",
+            "waypoint-abc",
+            "--instance-ip",
+            "10.0.0.9",
+            "--service-account",
+            "waypoint",
+        ])
+        .unwrap()
+        .validate()
+        .unwrap();
+        let ConfigSource::Xds(x) = &c.source else {
+            panic!("{:?}", c.source)
+        };
+        assert_eq!(
+            x.waypoint.name, "waypoint",
+            "GATEWAY_NAME defaults to SERVICE_ACCOUNT"
+        );
+        assert_eq!(
+            x.waypoint.identity.to_string(),
+            "spiffe://cluster.local/ns/foo/sa/waypoint"
+        );
+        assert_eq!(x.endpoint.server_name, "istiod.istio-system.svc");
+        assert!(
+            matches!(&c.cert_source, CertSource::IstioCa { endpoint, .. } if endpoint.authority == "istiod.istio-system.svc:15012")
+        );
+
+        let e = Args::try_parse_from([
+            "waypoint",
+            "--xds-address",
+            "https://istiod:15012",
+            "--config",
+            "/x.yaml",
+        ])
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("both set"), "{e}");
+        let e = Args::try_parse_from(["waypoint", "--xds-address", "https://istiod:15012"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GATEWAY_NAME") && e.contains("POD_NAMESPACE"),
+            "{e}"
+        );
     }
 }

@@ -6,7 +6,8 @@
 //!
 //! Modules, one concern each:
 //! - [`config`] — flags/env → one validated `Config`;
-//! - [`state`], [`objects`] — the local config file and the Kubernetes objects in it;
+//! - [`state`], [`objects`] — the snapshot in force, the local config file and the Kubernetes
+//!   objects in it; [`xds`] — the same from the control plane (delta ADS);
 //! - [`route`] — HTTPRoute/GRPCRoute compilation and matching (pure);
 //! - [`listener`] — the HBONE server and per-stream protocol choice (HTTP or opaque TCP);
 //! - [`proxy`] — the request phases;
@@ -28,3 +29,4 @@ pub mod ratelimit;
 pub mod route;
 pub mod state;
 pub mod upstream;
+pub mod xds;
