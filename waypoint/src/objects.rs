@@ -2,7 +2,7 @@
 //! function that reads them: [`parse_object`].
 //!
 //! The local config file calls [`parse_object`] for each entry of `objects:`; the xDS path
-//! will call it for each `mesh.config.v1.KubeObject`. Every error names the object
+//! ([`crate::xds`]) calls it for each `mesh.config.v1.KubeObject`. Every error names the object
 //! (`Kind namespace/name`) and the field path, and a bad object never affects the others.
 //!
 //! Kinds: `gateway.networking.k8s.io` HTTPRoute and GRPCRoute (v1, v1beta1, v1alpha2),

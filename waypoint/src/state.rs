@@ -15,6 +15,9 @@
 //! A bad object is reported in [`Snapshot::errors`] (kind, name, field) and skipped; the file
 //! as a whole is rejected only if its shape or the workloads/services are invalid, and then
 //! the previous snapshot stays in force.
+//!
+//! From the control plane ([`crate::xds`]) the same [`Snapshot::build`] is used: the Gateway
+//! and identity come from the flags, the rest from the resources held.
 
 use std::{
     collections::HashMap,
