@@ -27,7 +27,7 @@ use mesh_proto::{
 use mesh_xds::{Handler, Rejected};
 use prost::Message;
 use prost_types::{Struct, Value, value::Kind};
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::{
     objects::{KubeObject, parse_object},
@@ -198,7 +198,7 @@ impl Handler for WaypointHandler {
             }
         }
         let snap = self.snapshot();
-        info!(
+        debug!(
             type_url = kind,
             workloads = self.workloads.len(),
             services = self.services.len(),
