@@ -126,7 +126,7 @@ pub struct Args {
     pub cluster_id: String,
 
     /// This pod's IP, name and namespace: the xDS node id
-    /// `router~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`. The namespace is the Gateway's.
+    /// `waypoint~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`. The namespace is the Gateway's.
     #[arg(long, env = "INSTANCE_IP", default_value = "1.1.1.1")]
     pub instance_ip: String,
     #[arg(long, env = "POD_NAME", default_value = "")]

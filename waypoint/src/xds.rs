@@ -12,7 +12,9 @@
 //! - after every response the [`Snapshot`] is rebuilt from everything held and swapped in
 //!   whole, so the proxy never sees half a push.
 //!
-//! The node id follows Istio's waypoint: `router~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`.
+//! The node id follows Istio's waypoint (`pilot-agent proxy waypoint`, node type `waypoint`,
+//! not `router`, which is Istio's other gateways): `waypoint~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`,
+//! and the node's cluster is `<gateway>.<ns>`, as Istio's `--serviceCluster`.
 
 use std::collections::BTreeMap;
 
@@ -69,7 +71,7 @@ impl NodeInfo {
         ]);
         Node {
             id: format!(
-                "router~{}~{}.{}~{}.svc.cluster.local",
+                "waypoint~{}~{}.{}~{}.svc.cluster.local",
                 self.instance_ip, self.pod_name, self.pod_namespace, self.pod_namespace
             ),
             cluster: format!("{}.{}", self.gateway_name, self.pod_namespace),
@@ -332,7 +334,7 @@ mod tests {
         .to_node();
         assert_eq!(
             n.id,
-            "router~10.0.0.9~waypoint-abc.foo~foo.svc.cluster.local"
+            "waypoint~10.0.0.9~waypoint-abc.foo~foo.svc.cluster.local"
         );
     }
 }

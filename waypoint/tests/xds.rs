@@ -418,14 +418,14 @@ async fn istiod_lite_objects_configure_the_waypoint_and_edits_arrive_as_deltas()
         assert!(
             nacks.iter().any(|(node, msg)| node
                 == &format!(
-                    "router~{}~waypoint-abc.foo~foo.svc.cluster.local",
+                    "waypoint~{}~waypoint-abc.foo~foo.svc.cluster.local",
                     ip(90, 5)
                 )
                 && msg.contains("HTTPRoute/foo/broken")),
             "{nacks:?}"
         );
         assert!(
-            nacks.iter().all(|(node, _)| node.starts_with("router~")),
+            nacks.iter().all(|(node, _)| node.starts_with("waypoint~")),
             "ztunnels accept everything: {nacks:?}"
         );
     }
