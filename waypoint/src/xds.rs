@@ -12,9 +12,10 @@
 //! - after every response the [`Snapshot`] is rebuilt from everything held and swapped in
 //!   whole, so the proxy never sees half a push.
 //!
-//! The node id follows Istio's waypoint (`pilot-agent proxy waypoint`, node type `waypoint`,
-//! not `router`, which is Istio's other gateways): `waypoint~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`,
-//! and the node's cluster is `<gateway>.<ns>`, as Istio's `--serviceCluster`.
+//! The node id follows Istio's waypoint (`pilot-agent proxy waypoint`: node type `waypoint`,
+//! not the `router` of Istio's other gateways):
+//! `waypoint~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`; the node's cluster is `<gateway>.<ns>`,
+//! as Istio's `--serviceCluster`.
 
 use std::collections::BTreeMap;
 
