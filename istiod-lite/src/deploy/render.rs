@@ -192,6 +192,9 @@ pub fn render(
             env("AUTH_TOKEN_PATH", "/var/run/secrets/tokens/istio-token"),
             env("TRUST_DOMAIN", &s.trust_domain),
             env("CLUSTER_ID", &s.cluster_id),
+            // The waypoint finds the policies and routes attached to its Gateway by name
+            // (its service account may differ: gateway.istio.io/service-account).
+            env("GATEWAY_NAME", gw.name()),
             field("POD_NAME", "metadata.name"),
             field("POD_NAMESPACE", "metadata.namespace"),
             field("INSTANCE_IP", "status.podIP"),
@@ -427,6 +430,13 @@ mod tests {
         assert_eq!(pod["labels"]["istio.io/dataplane-mode"], "none");
         assert_eq!(pod["labels"]["sidecar.istio.io/inject"], "false");
         assert_eq!(pod["labels"][GATEWAY_NAME_LABEL], "waypoint");
+        let env = &r.deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+        assert!(
+            env.as_array().is_some_and(|e| e
+                .iter()
+                .any(|v| v["name"] == "GATEWAY_NAME" && v["value"] == "waypoint")),
+            "{env}"
+        );
         assert_eq!(pod["annotations"]["note"], "x");
         assert!(pod["annotations"].get(SERVICE_ACCOUNT_OVERRIDE).is_none());
         let c = &d["spec"]["template"]["spec"]["containers"][0];
