@@ -237,27 +237,15 @@ pub async fn build(cfg: Config, log: Option<LogHandle>) -> anyhow::Result<Bound>
 
 /// Reloads the file when it changes; a file that cannot be read keeps the old snapshot.
 async fn watch_config(store: Store, path: std::path::PathBuf, drain: mesh_rt::drain::DrainWatcher) {
-    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut last = mtime(&path);
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = drain.signaled() => return,
+    mesh_rt::watch::file_changes(path, drain, |path| match state::load(path) {
+        Ok(s) => {
+            let rejected = s.errors.len();
+            store.replace(s);
+            info!(path = %path.display(), rejected, "configuration reloaded");
         }
-        let now = mtime(&path);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match state::load(&path) {
-            Ok(s) => {
-                let rejected = s.errors.len();
-                store.replace(s);
-                info!(path = %path.display(), rejected, "configuration reloaded");
-            }
-            Err(e) => error!(error = %e, "configuration rejected; keeping the previous one"),
-        }
-    }
+        Err(e) => error!(error = %e, "configuration rejected; keeping the previous one"),
+    })
+    .await
 }
 
 impl Bound {

@@ -324,26 +324,14 @@ async fn prefetch_certificates(
 
 /// Reloads the local file when it changes; a bad file is logged and the old state kept.
 async fn watch_config(pi: Arc<ProxyInputs>, path: std::path::PathBuf, drain: DrainWatcher) {
-    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut last = mtime(&path);
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = drain.signaled() => return,
+    mesh_rt::watch::file_changes(path, drain, |path| match localconfig::load(path) {
+        Ok(s) => {
+            pi.state.replace(s);
+            info!(path = %path.display(), "configuration reloaded");
         }
-        let now = mtime(&path);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match localconfig::load(&path) {
-            Ok(s) => {
-                pi.state.replace(s);
-                info!(path = %path.display(), "configuration reloaded");
-            }
-            Err(e) => error!(error = %e, "configuration rejected; keeping the previous one"),
-        }
-    }
+        Err(e) => error!(error = %e, "configuration rejected; keeping the previous one"),
+    })
+    .await
 }
 
 impl Bound {

@@ -8,7 +8,8 @@
 //!   waits for;
 //! - [`http`] — a tiny HTTP/1 server for admin, metrics and readiness endpoints;
 //! - [`logging`] — tracing setup with a runtime-adjustable filter;
-//! - [`signal`] — SIGTERM/SIGINT.
+//! - [`signal`] — SIGTERM/SIGINT;
+//! - [`watch`] — polling a configuration file for changes.
 
 pub mod config;
 pub mod drain;
@@ -17,3 +18,4 @@ pub mod logging;
 pub mod memory;
 pub mod readiness;
 pub mod signal;
+pub mod watch;
