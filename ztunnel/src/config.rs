@@ -208,18 +208,9 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
-/// A control-plane endpoint: where to dial and how to trust it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ControlPlane {
-    /// `http(s)://host:port`, as given.
-    pub address: String,
-    /// `host:port` to dial.
-    pub authority: String,
-    /// The DNS name the server's certificate must carry.
-    pub server_name: String,
-    pub root_ca: PathBuf,
-}
+/// A control-plane endpoint: where to dial and how to trust it (the type and its parser,
+/// [`ControlPlane::parse`], are shared with the waypoint).
+pub use mesh_xds::ControlPlane;
 
 /// Where workloads, services and policies come from.
 #[derive(Debug, Clone, Serialize)]
@@ -340,9 +331,9 @@ impl Args {
             log_level,
             log_format,
         } = self;
-        let xds = xds_address
-            .as_deref()
-            .map(|a| control_plane("XDS_ADDRESS", a, alt_xds_hostname.as_deref(), &xds_root_ca));
+        let xds = xds_address.as_deref().map(|a| {
+            ControlPlane::parse("XDS_ADDRESS", a, alt_xds_hostname.as_deref(), &xds_root_ca)
+        });
         let config_source = match (local_xds_path, xds) {
             (Some(_), Some(_)) => {
                 errs.push(
@@ -367,7 +358,7 @@ impl Args {
         };
         // The CA defaults to the xDS endpoint, as istiod serves both on :15012.
         let ca = ca_address.as_deref().or(xds_address.as_deref()).map(|a| {
-            control_plane(
+            ControlPlane::parse(
                 if ca_address.is_some() {
                     "CA_ADDRESS"
                 } else {
@@ -493,35 +484,6 @@ impl Args {
             log_format,
         })
     }
-}
-
-/// Parses `http(s)://host:port` (or `host:port`) into a [`ControlPlane`].
-fn control_plane(
-    var: &str,
-    address: &str,
-    alt_hostname: Option<&str>,
-    root_ca: &std::path::Path,
-) -> Result<ControlPlane, String> {
-    let rest = address
-        .strip_prefix("https://")
-        .or_else(|| address.strip_prefix("http://"))
-        .unwrap_or(address)
-        .trim_end_matches('/');
-    let bad = || format!("{var} {address:?} is not of the form https://host:port");
-    if rest.is_empty() || rest.contains('/') {
-        return Err(bad());
-    }
-    let host = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => h,
-        _ => return Err(bad()),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    Ok(ControlPlane {
-        address: address.to_owned(),
-        authority: rest.to_owned(),
-        server_name: alt_hostname.unwrap_or(host).to_owned(),
-        root_ca: root_ca.to_owned(),
-    })
 }
 
 impl Config {

@@ -9,24 +9,4 @@
 //! restart; a missing token file is sent as no header and the control plane decides (it
 //! refuses, and its error names the reason).
 
-use tonic::transport::Channel;
-
-pub use mesh_xds::controlplane::{ControlPlaneError, Credentials, load_roots};
-
-use crate::config::ControlPlane;
-
-/// The shared crate's view of ztunnel's configured endpoint.
-pub fn endpoint(cp: &ControlPlane) -> mesh_xds::ControlPlane {
-    mesh_xds::ControlPlane {
-        address: cp.address.clone(),
-        authority: cp.authority.clone(),
-        server_name: cp.server_name.clone(),
-        root_ca: cp.root_ca.clone(),
-    }
-}
-
-/// A lazily connecting channel to `cp`: the first call dials, and a broken connection is
-/// re-dialled on the next call.
-pub fn channel(cp: &ControlPlane) -> Result<Channel, ControlPlaneError> {
-    mesh_xds::channel(&endpoint(cp))
-}
+pub use mesh_xds::controlplane::{ControlPlaneError, Credentials, channel, load_roots};

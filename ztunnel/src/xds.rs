@@ -35,7 +35,7 @@ pub use mesh_xds::client::{Applied, Handler, Known, Rejected, XdsError, initial_
 
 use crate::{
     config::ControlPlane,
-    controlplane::{self, Credentials},
+    controlplane::Credentials,
     state::{Change, StateStore},
 };
 
@@ -155,7 +155,7 @@ impl XdsClient {
     /// Runs until drained, reconnecting as needed.
     pub async fn run(self, drain: DrainWatcher) {
         mesh_xds::Client {
-            endpoint: controlplane::endpoint(&self.endpoint),
+            endpoint: self.endpoint,
             credentials: self.credentials,
             node: self.node.to_node(),
             types: TYPES.to_vec(),
