@@ -29,7 +29,6 @@ use mesh_proto::{
 };
 use mesh_xds::{Handler, Rejected};
 use prost::Message;
-use prost_types::{Struct, Value, value::Kind};
 use tracing::{debug, warn};
 
 use crate::{
@@ -58,26 +57,20 @@ pub struct NodeInfo {
 impl NodeInfo {
     /// Istio's node id for a waypoint, and metadata like ztunnel's plus the Gateway.
     pub fn to_node(&self) -> Node {
-        let s = |v: &str| Value {
-            kind: Some(Kind::StringValue(v.to_owned())),
+        let common = mesh_xds::NodeInfo {
+            instance_ip: self.instance_ip.clone(),
+            pod_name: self.pod_name.clone(),
+            pod_namespace: self.pod_namespace.clone(),
+            node_name: self.node_name.clone(),
+            cluster_id: self.cluster_id.clone(),
         };
-        let fields = BTreeMap::from([
-            ("NAME".to_owned(), s(&self.pod_name)),
-            ("NAMESPACE".to_owned(), s(&self.pod_namespace)),
-            ("INSTANCE_IPS".to_owned(), s(&self.instance_ip)),
-            ("NODE_NAME".to_owned(), s(&self.node_name)),
-            ("CLUSTER_ID".to_owned(), s(&self.cluster_id)),
-            ("SERVICE_ACCOUNT".to_owned(), s(&self.service_account)),
-            ("GATEWAY_NAME".to_owned(), s(&self.gateway_name)),
-        ]);
+        let extra = [
+            ("SERVICE_ACCOUNT", self.service_account.as_str()),
+            ("GATEWAY_NAME", self.gateway_name.as_str()),
+        ];
         Node {
-            id: format!(
-                "waypoint~{}~{}.{}~{}.svc.cluster.local",
-                self.instance_ip, self.pod_name, self.pod_namespace, self.pod_namespace
-            ),
             cluster: format!("{}.{}", self.gateway_name, self.pod_namespace),
-            metadata: Some(Struct { fields }),
-            user_agent_name: "mesh-waypoint".to_owned(),
+            ..common.to_node("waypoint", &extra)
         }
     }
 }

@@ -18,17 +18,14 @@
 //!   what changed and remove what disappeared meanwhile;
 //! - readiness (`config`) is released once the first response of every type is applied.
 
-use std::collections::BTreeMap;
-
 use mesh_proto::{
     convert::{self, AddressResource},
-    envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node},
+    envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse},
     istio::{security as pbs, workload as pbw},
     type_url,
 };
 use mesh_rt::drain::DrainWatcher;
 use prost::Message;
-use prost_types::{Struct, Value, value::Kind};
 use tokio::sync::watch;
 
 pub use mesh_xds::client::{Applied, Handler, Known, Rejected, XdsError, initial_request};
@@ -42,40 +39,8 @@ use crate::{
 /// The types this client subscribes to, in the order they are requested.
 pub const TYPES: [&str; 2] = [type_url::ADDRESS, type_url::AUTHORIZATION];
 
-/// Who this ztunnel is, for the control plane.
-#[derive(Debug, Clone)]
-pub struct NodeInfo {
-    pub instance_ip: String,
-    pub pod_name: String,
-    pub pod_namespace: String,
-    pub node_name: String,
-    pub cluster_id: String,
-}
-
-impl NodeInfo {
-    /// Istio's node id and metadata for a ztunnel.
-    pub fn to_node(&self) -> Node {
-        let s = |v: &str| Value {
-            kind: Some(Kind::StringValue(v.to_owned())),
-        };
-        let fields = BTreeMap::from([
-            ("NAME".to_owned(), s(&self.pod_name)),
-            ("NAMESPACE".to_owned(), s(&self.pod_namespace)),
-            ("INSTANCE_IPS".to_owned(), s(&self.instance_ip)),
-            ("NODE_NAME".to_owned(), s(&self.node_name)),
-            ("CLUSTER_ID".to_owned(), s(&self.cluster_id)),
-        ]);
-        Node {
-            id: format!(
-                "ztunnel~{}~{}.{}~{}.svc.cluster.local",
-                self.instance_ip, self.pod_name, self.pod_namespace, self.pod_namespace
-            ),
-            metadata: Some(Struct { fields }),
-            user_agent_name: "mesh-ztunnel".to_owned(),
-            ..Default::default()
-        }
-    }
-}
+/// Who this ztunnel is, for the control plane (node type `ztunnel`).
+pub use mesh_xds::node::NodeInfo;
 
 /// ztunnel's handler: decodes and validates resources, applies them to the state in one batch.
 #[derive(Debug, Clone)]
@@ -157,7 +122,7 @@ impl XdsClient {
         mesh_xds::Client {
             endpoint: self.endpoint,
             credentials: self.credentials,
-            node: self.node.to_node(),
+            node: self.node.to_node("ztunnel", &[]),
             types: TYPES.to_vec(),
             who: "ztunnel",
             handler: StateHandler { state: self.state },
@@ -321,7 +286,7 @@ mod tests {
             node_name: "node-a".into(),
             cluster_id: "Kubernetes".into(),
         }
-        .to_node();
+        .to_node("ztunnel", &[]);
         assert_eq!(
             node.id,
             "ztunnel~10.0.0.5~ztunnel-x.istio-system~istio-system.svc.cluster.local"
