@@ -347,11 +347,13 @@ impl Args {
                     Some(identity) => ConfigSource::Xds(XdsSource {
                         endpoint,
                         node: NodeInfo {
-                            instance_ip,
-                            pod_name,
-                            pod_namespace: pod_namespace.clone(),
-                            node_name,
-                            cluster_id: cluster_id.clone(),
+                            proxy: mesh_xds::NodeInfo {
+                                instance_ip,
+                                pod_name,
+                                pod_namespace: pod_namespace.clone(),
+                                node_name,
+                                cluster_id: cluster_id.clone(),
+                            },
                             service_account: sa,
                             gateway_name: gateway.clone(),
                         },

@@ -44,11 +44,9 @@ pub const TYPES: [&str; 2] = [type_url::ADDRESS, type_url::KUBE_OBJECT];
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeInfo {
-    pub instance_ip: String,
-    pub pod_name: String,
-    pub pod_namespace: String,
-    pub node_name: String,
-    pub cluster_id: String,
+    /// What every mesh proxy reports (pod, namespace, IP, node, cluster id).
+    #[serde(flatten)]
+    pub proxy: mesh_xds::NodeInfo,
     pub service_account: String,
     /// The Gateway this waypoint serves.
     pub gateway_name: String,
@@ -57,20 +55,13 @@ pub struct NodeInfo {
 impl NodeInfo {
     /// Istio's node id for a waypoint, and metadata like ztunnel's plus the Gateway.
     pub fn to_node(&self) -> Node {
-        let common = mesh_xds::NodeInfo {
-            instance_ip: self.instance_ip.clone(),
-            pod_name: self.pod_name.clone(),
-            pod_namespace: self.pod_namespace.clone(),
-            node_name: self.node_name.clone(),
-            cluster_id: self.cluster_id.clone(),
-        };
         let extra = [
             ("SERVICE_ACCOUNT", self.service_account.as_str()),
             ("GATEWAY_NAME", self.gateway_name.as_str()),
         ];
         Node {
-            cluster: format!("{}.{}", self.gateway_name, self.pod_namespace),
-            ..common.to_node("waypoint", &extra)
+            cluster: format!("{}.{}", self.gateway_name, self.proxy.pod_namespace),
+            ..self.proxy.to_node("waypoint", &extra)
         }
     }
 }
@@ -317,11 +308,13 @@ mod tests {
     #[test]
     fn node_id_is_istios_waypoint_shape() {
         let n = NodeInfo {
-            instance_ip: "10.0.0.9".into(),
-            pod_name: "waypoint-abc".into(),
-            pod_namespace: "foo".into(),
-            node_name: "n".into(),
-            cluster_id: "Kubernetes".into(),
+            proxy: mesh_xds::NodeInfo {
+                instance_ip: "10.0.0.9".into(),
+                pod_name: "waypoint-abc".into(),
+                pod_namespace: "foo".into(),
+                node_name: "n".into(),
+                cluster_id: "Kubernetes".into(),
+            },
             service_account: "waypoint".into(),
             gateway_name: "waypoint".into(),
         }

@@ -11,7 +11,8 @@ use mesh_proto::envoy::service::discovery::v3::Node;
 use prost_types::{Struct, Value, value::Kind};
 
 /// Who this proxy is: the fields every mesh proxy reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct NodeInfo {
     pub instance_ip: String,
     pub pod_name: String,
