@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build release test test-unit test-netns fuzz-smoke k8s-smoke lint fmt presubmit demo demo-up demo-down demo-loopback lab-smoke lab-deps lab-release deps clean bench bench-quick bench-deps callgrind
+.PHONY: all build release test test-unit test-netns fuzz-smoke k8s-smoke lint fmt presubmit demo demo-up demo-down demo-loopback lab-smoke lab-deps lab-release deps clean bench bench-quick bench-cp bench-deps callgrind
 
 all: build
 
@@ -85,6 +85,11 @@ bench-quick: bench-deps
 callgrind: bench-deps
 	$(CARGO) build --release --locked -p mesh-bench
 	bash bench/callgrind.sh $(CALLGRIND_ARGS)
+
+## bench-cp: control-plane scale (istiod-lite with 10k pods / 1k services, 100 xDS clients).
+bench-cp:
+	$(CARGO) build --release --locked -p istiod-lite -p mesh-bench
+	target/release/mesh-bench cp-scale --istiod-bin target/release/istiod-lite $(CP_ARGS)
 
 bench-deps:
 	@for t in iperf3 sockperf socat valgrind; do command -v $$t >/dev/null || need="$$need $$t"; done; \
