@@ -33,11 +33,11 @@ demo-loopback: release
 
 ## lab-smoke: the demo's lab with the debug binaries `make test` builds (CI runs this).
 lab-smoke: lab-deps
-	$(CARGO) build --locked -p ztunnel -p cni-plugin -p istiod-lite
+	$(CARGO) build --locked -p ztunnel -p cni-plugin -p istiod-lite -p waypoint
 	MESH_LAB_BIN=target/debug python3 e2e/lab/lab.py demo --no-install
 
 lab-release:
-	$(CARGO) build --release --locked -p ztunnel -p cni-plugin -p istiod-lite
+	$(CARGO) build --release --locked -p ztunnel -p cni-plugin -p istiod-lite -p waypoint
 
 lab-deps:
 	python3 e2e/lab/lab.py deps
