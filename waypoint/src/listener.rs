@@ -60,6 +60,9 @@ pub async fn serve(
                 continue;
             }
         };
+        // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d: policy (ipBlocks),
+        // workload lookups and logs all need the IPv4 address.
+        let src = SocketAddr::new(ztunnel::proxy::canonical_ip(src.ip()), src.port());
         let _ = tcp.set_nodelay(true);
         let proxy = proxy.clone();
         let secrets = secrets.clone();

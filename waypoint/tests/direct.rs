@@ -217,6 +217,12 @@ const SERVICE_OBJECTS: &str = r#"
 impl Lab {
     /// `objects`: YAML list items (each starting with `- `) added to the waypoint's file.
     async fn new(net: u8, objects: &str) -> Lab {
+        Lab::new_with(net, objects, false).await
+    }
+
+    /// `v4_mapped`: the waypoint listens on an IPv6 socket bound to `::ffff:<ip>`, so its
+    /// peers arrive as IPv4-mapped IPv6 addresses (what a `[::]` listener sees in a pod).
+    async fn new_with(net: u8, objects: &str, v4_mapped: bool) -> Lab {
         mesh_test::raise_fd_limit();
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
@@ -289,7 +295,11 @@ impl Lab {
             "--local-ca-dir",
             ca.to_str().unwrap(),
             "--hbone-addr",
-            &format!("{}:15008", ip(net, 5)),
+            &if v4_mapped {
+                format!("[::ffff:{}]:15008", ip(net, 5))
+            } else {
+                format!("{}:15008", ip(net, 5))
+            },
             "--admin-addr",
             "127.0.0.1:0",
             "--stats-addr",
@@ -433,6 +443,32 @@ async fn authorization_allows_and_denies_by_method_path_and_header() {
         .map(|h| format!("{} {}", h.method, h.path))
         .collect();
     assert_eq!(seen, vec!["GET /public/a", "GET /public/b"]);
+}
+
+// A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; source.ipBlocks must still
+// match them (a DENY by ipBlocks that never matched would fail open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_blocks_match_ipv4_clients_on_a_dual_stack_listener() {
+    let lab = Lab::new_with(
+        75,
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: deny-lab-net, namespace: foo}
+  spec:
+    targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+    action: DENY
+    rules:
+    - from: [{source: {ipBlocks: ["127.75.0.0/24"]}}]
+      to: [{operation: {paths: ["/denied"]}}]
+"#,
+        true,
+    )
+    .await;
+    let mut c = lab.h1(lab.vip(100, 80)).await;
+    assert_eq!(send(&mut c, "GET", "/ok", &[]).await.status, 200);
+    let r = send(&mut c, "GET", "/denied", &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
