@@ -69,6 +69,8 @@ pub struct Resolver {
     domain: String,
     /// Search domains from ztunnel's resolv.conf besides the per-client Kubernetes ones.
     extra_search: Vec<String>,
+    /// `.svc.<domain>`: the hostname suffix of Kubernetes services.
+    svc_suffix: String,
 }
 
 struct Alias {
@@ -79,8 +81,10 @@ struct Alias {
 
 impl Resolver {
     pub fn new(domain: &str, extra_search: Vec<String>) -> Self {
+        let domain = normalize(domain);
         Resolver {
-            domain: normalize(domain),
+            svc_suffix: format!(".svc.{domain}"),
+            domain,
             extra_search: extra_search.iter().map(|d| normalize(d)).collect(),
         }
     }
@@ -168,24 +172,27 @@ impl Resolver {
     }
 
     fn is_kube_headless(&self, svc: &Service) -> bool {
+        let (host, suffix) = (svc.hostname.as_bytes(), self.svc_suffix.as_bytes());
         svc.vips.is_empty()
-            && svc
-                .hostname
-                .to_ascii_lowercase()
-                .ends_with(&format!(".svc.{}", self.domain))
+            && host.len() > suffix.len()
+            && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
     }
 
     fn best_service(&self, state: &State, client_ns: &str, host: &str) -> Option<Arc<Service>> {
-        let candidates: Vec<Arc<Service>> = state
+        let mut candidates = state
             .services_by_hostname(host)
-            .into_iter()
-            .filter(|s| !s.vips.is_empty() || self.is_kube_headless(s))
-            .collect();
-        candidates
             .iter()
-            .find(|s| s.namespace == client_ns)
-            .or_else(|| candidates.first())
-            .cloned()
+            .filter(|s| !s.vips.is_empty() || self.is_kube_headless(s));
+        let first = candidates.next()?;
+        if first.namespace == client_ns {
+            return Some(first.clone());
+        }
+        Some(
+            candidates
+                .find(|s| s.namespace == client_ns)
+                .unwrap_or(first)
+                .clone(),
+        )
     }
 
     fn addresses(&self, state: &State, svc: &Service, family: Family) -> Vec<IpAddr> {

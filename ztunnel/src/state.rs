@@ -131,6 +131,10 @@ impl State {
                     .insert((vip.network.clone(), vip.address), svc.clone());
             }
         }
+        // Sorted here once, not on every DNS query.
+        for svcs in self.by_hostname.values_mut() {
+            svcs.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        }
     }
 
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
@@ -150,14 +154,11 @@ impl State {
     }
 
     /// Services named `hostname` (any case), in any namespace, ordered by namespace.
-    pub fn services_by_hostname(&self, hostname: &str) -> Vec<Arc<Service>> {
-        let mut v = self
-            .by_hostname
+    pub fn services_by_hostname(&self, hostname: &str) -> &[Arc<Service>] {
+        self.by_hostname
             .get(&hostname.to_ascii_lowercase())
-            .cloned()
-            .unwrap_or_default();
-        v.sort_by(|a, b| a.namespace.cmp(&b.namespace));
-        v
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     /// Endpoints of a service, in a stable order.

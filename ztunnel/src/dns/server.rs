@@ -198,10 +198,8 @@ impl Handler {
         let client = client.as_ref();
         let q = req.queries.first().cloned();
         let qtype = q.as_ref().map(|q| q.query_type());
-        self.metrics
-            .requests
-            .get_or_create(&labels(qtype, transport, client))
-            .inc();
+        let l = labels(qtype, transport, client);
+        self.metrics.requests.get_or_create(&l).inc();
         let family = match qtype {
             Some(RecordType::A) => Some(Family::V4),
             Some(RecordType::AAAA) => Some(Family::V6),
@@ -225,7 +223,6 @@ impl Handler {
                 encode(resp, &req, transport)
             }
             _ => {
-                let l = labels(qtype, transport, client);
                 self.metrics.upstream_requests.get_or_create(&l).inc();
                 match self.forward(query, transport).await {
                     Ok(reply) => Some(reply),
