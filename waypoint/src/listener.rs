@@ -82,7 +82,7 @@ pub async fn serve(
                 };
                 let tls = match tokio::time::timeout(
                     HANDSHAKE_TIMEOUT,
-                    TlsAcceptor::from(cfg).accept(tcp),
+                    TlsAcceptor::from(cfg).accept(mesh_hbone::buffered(tcp)),
                 )
                 .await
                 {

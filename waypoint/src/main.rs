@@ -2,6 +2,17 @@
 
 use clap::Parser;
 
+/// jemalloc, as in ztunnel (see its `main.rs`): HTTP/2 allocates a buffer per DATA frame, and
+/// glibc's arenas kept returning and re-faulting those pages. Unused pages go back to the
+/// kernel after two seconds, from a background thread.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+// The one way to configure jemalloc before its first allocation: a symbol it looks up.
+#[allow(non_upper_case_globals, unsafe_code)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:2000,muzzy_decay_ms:0\0";
+
 fn main() -> std::process::ExitCode {
     let cfg = match waypoint::config::Args::parse().validate() {
         Ok(c) => c,

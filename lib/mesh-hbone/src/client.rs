@@ -288,7 +288,7 @@ impl Pool {
         };
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         let tls = TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
+            .connect(name, crate::buffered(tcp))
             .await
             .map_err(|source| Error::Tls { addr, source })?;
         if tls.get_ref().1.alpn_protocol() != Some(mesh_tls::ALPN_H2) {

@@ -76,17 +76,21 @@ async fn connection(
         })
     })?;
     let cfg = pi.secrets.server_config(&dst_id).await?;
-    let tls =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(tcp)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(source)) => return Err(Error::Handshake { peer, source }),
-            Err(_) => {
-                return Err(Error::Handshake {
-                    peer,
-                    source: std::io::ErrorKind::TimedOut.into(),
-                });
-            }
-        };
+    let tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(cfg).accept(mesh_hbone::buffered(tcp)),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(source)) => return Err(Error::Handshake { peer, source }),
+        Err(_) => {
+            return Err(Error::Handshake {
+                peer,
+                source: std::io::ErrorKind::TimedOut.into(),
+            });
+        }
+    };
     let src_id =
         mesh_tls::verify::peer_identity(tls.get_ref().1.peer_certificates(), pi.secrets.trust());
     debug!(client = ?src_id, workload = %dst_w.uid, "hbone connection established");
