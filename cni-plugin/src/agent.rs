@@ -11,8 +11,9 @@
 //!
 //! Unenroll (label removed, namespace left the mesh, pod terminated or deleted): probe
 //! ipset entries, in-pod rules and routes, ZDS `Del` to every ztunnel, annotation.
-//! Reconcile runs every resync interval and retries pending pods (ztunnel may come back at
-//! any time), so every step is idempotent. One operation runs at a time.
+//! Reconcile runs on every new snapshot from the pod source and every resync interval, and
+//! retries pending pods (ztunnel may come back at any time), so every step is idempotent.
+//! One operation runs at a time.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,6 +22,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -30,7 +32,7 @@ use crate::{
     netns::Netns,
     protocol::{Request, Response},
     redirect::PodOptions,
-    source::{ClusterState, Pod, PodSource},
+    source::{ClusterState, Pod, PodAnnotator},
     zds::{SnapshotEntry, SnapshotSource, Workload, ZdsServer},
 };
 
@@ -133,7 +135,9 @@ pub struct Settings {
 pub struct Agent {
     settings: Settings,
     backend: Arc<dyn RuleBackend>,
-    source: Arc<dyn PodSource>,
+    /// The pod source's latest snapshot (`mesh_rt::source`).
+    state: watch::Receiver<Arc<ClusterState>>,
+    annotator: Arc<dyn PodAnnotator>,
     zds: ZdsServer,
     host: Arc<Netns>,
     registry: Arc<Registry>,
@@ -162,7 +166,8 @@ impl Agent {
     pub async fn new(
         settings: Settings,
         backend: Arc<dyn RuleBackend>,
-        source: Arc<dyn PodSource>,
+        state: watch::Receiver<Arc<ClusterState>>,
+        annotator: Arc<dyn PodAnnotator>,
         zds: ZdsServer,
         host: Arc<Netns>,
         registry: Arc<Registry>,
@@ -174,7 +179,8 @@ impl Agent {
         Ok(Agent {
             settings,
             backend,
-            source,
+            state,
+            annotator,
             zds,
             host,
             registry,
@@ -245,10 +251,7 @@ impl Agent {
             pod: key.clone(),
             reason,
         };
-        let state = self.source.load().map_err(|e| EnrollError::Retryable {
-            pod: key.clone(),
-            reason: format!("reading the pod source: {e}"),
-        })?;
+        let state = self.state.borrow().clone();
         // The agent's own view decides when it knows the pod (the plugin may have read the
         // labels just before they changed); a pod it does not know yet is taken on the
         // plugin's word and reconciled later.
@@ -360,7 +363,7 @@ impl Agent {
             let annotated = if already {
                 Ok(())
             } else {
-                self.source
+                self.annotator
                     .annotate(&pod, REDIRECTION_ANNOTATION, Some("pending"))
             };
             if let Err(ae) = annotated {
@@ -383,7 +386,7 @@ impl Agent {
                 });
             }
         }
-        self.source
+        self.annotator
             .annotate(&pod, REDIRECTION_ANNOTATION, Some("enabled"))
             .map_err(|e| EnrollError::Retryable {
                 pod: key.clone(),
@@ -422,18 +425,20 @@ impl Agent {
         if let Err(err) = self.zds.del(uid).await {
             warn!(pod = %key, error = %err, "ztunnel did not ack the removal");
         }
-        if let Err(err) = self.source.annotate(&e.pod, REDIRECTION_ANNOTATION, None) {
+        if let Err(err) = self
+            .annotator
+            .annotate(&e.pod, REDIRECTION_ANNOTATION, None)
+        {
             debug!(pod = %key, error = %err, "removing the annotation failed");
         }
         info!(pod = %key, %uid, reason = why, "pod removed from the mesh");
     }
 
-    /// Reads the source and brings every pod of this node to its desired state.
-    pub async fn reconcile(&self) -> Result<(), String> {
-        let state = self.source.load().map_err(|e| e.to_string())?;
+    /// Brings every pod of this node to the desired state of the source's latest snapshot.
+    pub async fn reconcile(&self) {
         let _op = self.ops.lock().await;
+        let state = self.state.borrow().clone();
         self.reconcile_with(&state).await;
-        Ok(())
     }
 
     async fn reconcile_with(&self, state: &ClusterState) {

@@ -7,6 +7,7 @@ use std::{path::PathBuf, sync::Arc};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
+    sync::watch,
 };
 use tracing::{Instrument, info, info_span, warn};
 
@@ -17,7 +18,7 @@ use crate::{
     iptables::RuleBackend,
     netns::Netns,
     protocol::{self, Request, Response},
-    source::PodSource,
+    source::{ClusterState, PodAnnotator},
     zds::ZdsServer,
 };
 
@@ -30,10 +31,13 @@ pub struct Running {
 }
 
 /// Starts everything; returns once the sockets are bound and the host rules installed.
+/// `state` is a started pod source (`mesh_rt::source::subscribe`), already holding its
+/// first complete snapshot.
 pub async fn start(
     cfg: &Config,
     backend: Arc<dyn RuleBackend>,
-    source: Arc<dyn PodSource>,
+    state: watch::Receiver<Arc<ClusterState>>,
+    annotator: Arc<dyn PodAnnotator>,
 ) -> Result<Running, String> {
     let host = match &cfg.host_netns {
         Some(p) => Netns::open(p),
@@ -53,7 +57,8 @@ pub async fn start(
         Agent::new(
             settings,
             backend,
-            source,
+            state.clone(),
+            annotator,
             zds.clone(),
             Arc::new(host),
             registry.clone(),
@@ -62,24 +67,32 @@ pub async fn start(
     );
     // Pods that were already running (agent restart, labels added while it was down).
     // They are found before ztunnel may connect, so its first snapshot names all of them.
-    if let Err(e) = agent.reconcile().await {
-        warn!(error = %e, "initial reconcile failed; retrying every resync interval");
-    }
+    agent.reconcile().await;
     zds.listen(registry).map_err(|e| e.to_string())?;
     let listener = bind_cni_socket(&cfg.cni_socket)?;
     let a = agent.clone();
     tokio::spawn(serve_plugin(listener, a).instrument(info_span!("cni_sock")));
     let a = agent.clone();
     let every = cfg.resync_interval;
+    let mut changes = state;
+    changes.mark_unchanged();
     tokio::spawn(
         async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
             loop {
-                tick.tick().await;
-                if let Err(e) = a.reconcile().await {
-                    warn!(error = %e, "reconcile failed");
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() {
+                        warn!("the pod source stopped; reconciling on the resync interval only");
+                        loop {
+                            tick.tick().await;
+                            a.reconcile().await;
+                        }
+                    },
+                    _ = tick.tick() => {}
                 }
+                a.reconcile().await;
             }
         }
         .instrument(info_span!("reconcile")),

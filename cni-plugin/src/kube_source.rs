@@ -1,14 +1,15 @@
-//! Pod and namespace knowledge from the Kubernetes API (kube-rs): a reflector on this node's
-//! pods (field selector `spec.nodeName=<node>`) and one on all namespaces. `load()` reads
-//! the stores; `annotate()` merge-patches `pods/<name>/status`, as Istio's agent does (it
-//! needs less privilege than patching the pod).
+//! Pod and namespace knowledge from the Kubernetes API (kube-rs): [`KubeSource`], a
+//! `mesh_rt::source::Source` built from a reflector on this node's pods (field selector
+//! `spec.nodeName=<node>`) and one on all namespaces, and [`KubeAnnotator`], which
+//! merge-patches `pods/<name>/status` as Istio's agent does (less privilege than patching
+//! the pod).
 //!
 //! Invariants: `start` returns only after both initial lists are complete, so the agent
-//! never reconciles against a partial view (which would unenroll pods); each `load()` is
+//! never reconciles against a partial view (which would unenroll pods); every snapshot is
 //! also mirrored to `<dir>/cluster.yaml` (only when it changed) so the synchronous plugin
 //! reads the same labels without an API client of its own.
 
-use std::{path::PathBuf, sync::Mutex, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod};
@@ -17,9 +18,14 @@ use kube::{
     api::{Patch, PatchParams},
     runtime::{WatchStreamExt, reflector, watcher},
 };
+use mesh_rt::{
+    drain::DrainWatcher,
+    source::{Source, publish_if_changed},
+};
+use tokio::sync::{Notify, watch};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::source::{ClusterState, Namespace, Pod, PodSource, SourceError, write_atomic};
+use crate::source::{ClusterState, Namespace, Pod, PodAnnotator, SourceError, write_atomic};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -94,59 +100,51 @@ pub fn annotation_patch(key: &str, value: Option<&str>) -> serde_json::Value {
     serde_json::json!({ "metadata": { "annotations": annotations } })
 }
 
+/// This node's pods (field selector `spec.nodeName=<node>`) and every namespace, as a
+/// [`Source`] of [`ClusterState`]. Each snapshot is also written to `<mirror>/cluster.yaml`
+/// when it changed, for the plugin.
 pub struct KubeSource {
-    client: Client,
-    pods: reflector::Store<K8sPod>,
-    namespaces: reflector::Store<K8sNamespace>,
-    handle: tokio::runtime::Handle,
-    /// Directory whose `cluster.yaml` mirrors every load (for the plugin).
-    mirror: Option<PathBuf>,
-    last_mirrored: Mutex<Option<ClusterState>>,
+    pub client: Client,
+    pub node: String,
+    pub mirror: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for KubeSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeSource").finish_non_exhaustive()
+        f.debug_struct("KubeSource")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
     }
 }
 
-impl KubeSource {
-    /// Starts both watches and waits for their initial lists.
-    pub async fn start(
-        client: Client,
-        node: &str,
-        mirror: Option<PathBuf>,
-    ) -> Result<KubeSource, KubeSourceError> {
+/// Changes arriving within this window become one snapshot (a namespace relabel touches
+/// many pods' verdicts at once; one reconcile is enough).
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+impl Source for KubeSource {
+    type State = ClusterState;
+    type Error = KubeSourceError;
+
+    async fn start(
+        self,
+        out: watch::Sender<Arc<ClusterState>>,
+        drain: DrainWatcher,
+    ) -> Result<(), KubeSourceError> {
         let (pods, pod_writer) = reflector::store::<K8sPod>();
         let (namespaces, ns_writer) = reflector::store::<K8sNamespace>();
-        let pod_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-        let pod_stream = watcher(Api::<K8sPod>::all(client.clone()), pod_cfg)
+        let changed = Arc::new(Notify::new());
+        let pod_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
+        let pod_stream = watcher(Api::<K8sPod>::all(self.client.clone()), pod_cfg)
             .default_backoff()
             .reflect(pod_writer);
-        tokio::spawn(
-            pod_stream
-                .for_each(|ev| async move {
-                    if let Err(e) = ev {
-                        warn!(error = %e, "pod watch error; retrying with backoff");
-                    }
-                })
-                .instrument(info_span!("k8s", kind = "Pod")),
-        );
+        spawn_watch("Pod", pod_stream, changed.clone(), drain.clone());
         let ns_stream = watcher(
-            Api::<K8sNamespace>::all(client.clone()),
+            Api::<K8sNamespace>::all(self.client.clone()),
             watcher::Config::default(),
         )
         .default_backoff()
         .reflect(ns_writer);
-        tokio::spawn(
-            ns_stream
-                .for_each(|ev| async move {
-                    if let Err(e) = ev {
-                        warn!(error = %e, "namespace watch error; retrying with backoff");
-                    }
-                })
-                .instrument(info_span!("k8s", kind = "Namespace")),
-        );
+        spawn_watch("Namespace", ns_stream, changed.clone(), drain.clone());
         for (kind, ready) in [
             (
                 "Pod",
@@ -168,26 +166,92 @@ impl KubeSource {
                 }
             }
         }
-        info!(%node, "Kubernetes pod source synced");
-        Ok(KubeSource {
-            client,
-            pods,
-            namespaces,
-            handle: tokio::runtime::Handle::current(),
-            mirror,
-            last_mirrored: Mutex::new(None),
-        })
+        let mut mirror = Mirror {
+            dir: self.mirror,
+            last: None,
+        };
+        let first = snapshot(&pods, &namespaces);
+        mirror.write(&first);
+        out.send_replace(Arc::new(first));
+        info!(node = %self.node, "Kubernetes pod source synced");
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        () = changed.notified() => {}
+                        () = drain.signaled() => return,
+                    }
+                    tokio::time::sleep(DEBOUNCE).await;
+                    let state = snapshot(&pods, &namespaces);
+                    mirror.write(&state);
+                    publish_if_changed(&out, state);
+                }
+            }
+            .instrument(info_span!("k8s_pod_source")),
+        );
+        Ok(())
     }
+}
 
-    fn mirror(&self, state: &ClusterState) {
-        let Some(dir) = &self.mirror else { return };
-        let mut last = self.last_mirrored.lock().unwrap_or_else(|p| p.into_inner());
-        if last.as_ref() == Some(state) {
+/// Drives one reflector stream until the drain, waking the publisher after every event.
+fn spawn_watch<S, K>(kind: &'static str, stream: S, changed: Arc<Notify>, drain: DrainWatcher)
+where
+    S: futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    K: Send + 'static,
+{
+    tokio::spawn(
+        async move {
+            let run = stream.for_each(|ev| {
+                match ev {
+                    Ok(_) => changed.notify_one(),
+                    Err(e) => warn!(error = %e, "watch error; retrying with backoff"),
+                }
+                std::future::ready(())
+            });
+            tokio::select! {
+                () = run => {}
+                () = drain.signaled() => {}
+            }
+        }
+        .instrument(info_span!("k8s", kind)),
+    );
+}
+
+/// The stores as one sorted snapshot.
+fn snapshot(
+    pods: &reflector::Store<K8sPod>,
+    namespaces: &reflector::Store<K8sNamespace>,
+) -> ClusterState {
+    let mut pods: Vec<Pod> = pods
+        .state()
+        .iter()
+        .filter_map(|p| pod_from_k8s(p))
+        .collect();
+    pods.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let mut namespaces: Vec<Namespace> = namespaces
+        .state()
+        .iter()
+        .filter_map(|n| namespace_from_k8s(n))
+        .collect();
+    namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+    ClusterState { namespaces, pods }
+}
+
+/// `<dir>/cluster.yaml`, rewritten (atomically) only when the state changed.
+struct Mirror {
+    dir: Option<PathBuf>,
+    last: Option<ClusterState>,
+}
+
+impl Mirror {
+    fn write(&mut self, state: &ClusterState) {
+        let Some(dir) = &self.dir else { return };
+        if self.last.as_ref() == Some(state) {
             return;
         }
         let body = serde_yaml::to_string(state).unwrap_or_default();
         match write_atomic(&dir.join("cluster.yaml"), body.as_bytes()) {
-            Ok(()) => *last = Some(state.clone()),
+            Ok(()) => self.last = Some(state.clone()),
             Err(e) => {
                 warn!(dir = %dir.display(), error = %e, "mirroring pods for the plugin failed")
             }
@@ -195,27 +259,29 @@ impl KubeSource {
     }
 }
 
-impl PodSource for KubeSource {
-    fn load(&self) -> Result<ClusterState, SourceError> {
-        let mut pods: Vec<Pod> = self
-            .pods
-            .state()
-            .iter()
-            .filter_map(|p| pod_from_k8s(p))
-            .collect();
-        pods.sort_by(|a, b| a.uid.cmp(&b.uid));
-        let mut namespaces: Vec<Namespace> = self
-            .namespaces
-            .state()
-            .iter()
-            .filter_map(|n| namespace_from_k8s(n))
-            .collect();
-        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
-        let state = ClusterState { namespaces, pods };
-        self.mirror(&state);
-        Ok(state)
-    }
+/// Annotations through the API: a merge patch of `pods/<name>/status`.
+pub struct KubeAnnotator {
+    client: Client,
+    handle: tokio::runtime::Handle,
+}
 
+impl std::fmt::Debug for KubeAnnotator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeAnnotator").finish_non_exhaustive()
+    }
+}
+
+impl KubeAnnotator {
+    /// Must be called inside the agent's (multi-thread) runtime.
+    pub fn new(client: Client) -> KubeAnnotator {
+        KubeAnnotator {
+            client,
+            handle: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl PodAnnotator for KubeAnnotator {
     /// Needs a multi-thread tokio runtime (the agent's): the patch runs in `block_in_place`.
     fn annotate(&self, pod: &Pod, key: &str, value: Option<&str>) -> Result<(), SourceError> {
         let api: Api<K8sPod> = Api::namespaced(self.client.clone(), &pod.namespace);

@@ -13,7 +13,7 @@
 //! | `discover` | finding running pods' netns via `/proc/*/cgroup` |
 //! | `zds` | the ZDS server (node agent ↔ ztunnel) |
 //! | `agent` | enroll/unenroll state machine and reconcile |
-//! | `source` | pod/namespace source trait and the files source |
+//! | `source` | pod/namespace snapshots (`mesh_rt::source::Source`), the annotator trait, the files source |
 //! | `kube_source` | the Kubernetes (kube-rs) pod source, mirrored to files for the plugin |
 //! | `install` | plugin binary install, conflist chaining, directory watch |
 //! | `config` | the agent's validated `Config` (the only env/flag reader) |

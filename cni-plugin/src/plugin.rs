@@ -13,7 +13,7 @@ use crate::{
     cni::{self, Command, Error, Invocation, NetConf},
     enablement::{Decision, Policy},
     protocol,
-    source::{FilesSource, PodSource},
+    source::FilesSource,
 };
 
 /// Output of one invocation: what to print on stdout, and whether it is an error.

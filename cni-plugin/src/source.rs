@@ -1,18 +1,30 @@
-//! Where pod and namespace knowledge comes from: the [`PodSource`] trait, and the
-//! files source (`<dir>/cluster.yaml`, annotations in `<dir>/annotations/`) that the netns
-//! lab and the tests use in place of the Kubernetes API.
+//! Where pod and namespace knowledge comes from. The state is a [`ClusterState`] snapshot
+//! published by a `mesh_rt::source::Source` — the same trait istiod-lite's object sources
+//! implement — and writes back to pods go through [`PodAnnotator`]. Two implementations:
+//! [`crate::kube_source`] (kube-rs watches) and [`FilesSource`] here (`<dir>/cluster.yaml`,
+//! annotations in `<dir>/annotations/`), which the netns lab and the tests use in place of
+//! the Kubernetes API.
 //!
-//! Invariants: a source returns the whole current state on every `load()` (the agent
-//! reconciles against it, so a missed change is repaired on the next load); the files
-//! source reads a file that is replaced atomically (rename), never half-written.
+//! Invariants: every snapshot is the whole current state (the agent reconciles against it,
+//! so a missed change is repaired by the next one); the files source reads a file that is
+//! replaced atomically (rename), never half-written, and keeps its last good snapshot when
+//! the file turns unreadable.
 
 use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
+use mesh_rt::{
+    drain::DrainWatcher,
+    source::{Source, publish_if_changed},
+};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{Instrument, info_span, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -107,26 +119,35 @@ impl ClusterState {
     }
 }
 
-/// Pod and namespace knowledge for the node agent and the plugin. Implemented by the
-/// files source here; a Kubernetes watch (pods limited to `spec.nodeName`) implements the
-/// same two calls.
-pub trait PodSource: Send + Sync + 'static {
-    /// The current state: pods (of this node, or all) and every namespace.
-    fn load(&self) -> Result<ClusterState, SourceError>;
+/// Writes back to pods: the agent's only mutation of cluster state.
+pub trait PodAnnotator: Send + Sync + 'static {
     /// Sets (`Some`) or removes (`None`) an annotation on a pod.
     fn annotate(&self, pod: &Pod, key: &str, value: Option<&str>) -> Result<(), SourceError>;
 }
 
 /// `<dir>/cluster.yaml` (a [`ClusterState`] in YAML), plus one annotations file per pod at
-/// `<dir>/annotations/<namespace>.<name>.yaml`, merged into the pod on load.
+/// `<dir>/annotations/<namespace>.<name>.yaml`, merged into the pod on load. As a
+/// [`Source`] it re-reads both every `poll` and publishes when the state changed.
 #[derive(Debug, Clone)]
 pub struct FilesSource {
     dir: PathBuf,
+    poll: Duration,
 }
+
+/// How often [`FilesSource`] re-reads its directory.
+pub const FILES_POLL: Duration = Duration::from_millis(250);
 
 impl FilesSource {
     pub fn new(dir: impl Into<PathBuf>) -> FilesSource {
-        FilesSource { dir: dir.into() }
+        FilesSource {
+            dir: dir.into(),
+            poll: FILES_POLL,
+        }
+    }
+
+    pub fn with_poll(mut self, poll: Duration) -> FilesSource {
+        self.poll = poll;
+        self
     }
 
     pub fn cluster_file(&self) -> PathBuf {
@@ -160,8 +181,9 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-impl PodSource for FilesSource {
-    fn load(&self) -> Result<ClusterState, SourceError> {
+impl FilesSource {
+    /// Reads the state once, synchronously (the plugin's path: no runtime, no watch).
+    pub fn load(&self) -> Result<ClusterState, SourceError> {
         let path = self.cluster_file();
         let text = std::fs::read_to_string(&path).map_err(|source| SourceError::Read {
             path: path.display().to_string(),
@@ -178,7 +200,49 @@ impl PodSource for FilesSource {
         }
         Ok(state)
     }
+}
 
+impl Source for FilesSource {
+    type State = ClusterState;
+    type Error = SourceError;
+
+    async fn start(
+        self,
+        out: watch::Sender<Arc<ClusterState>>,
+        drain: DrainWatcher,
+    ) -> Result<(), SourceError> {
+        out.send_replace(Arc::new(self.load()?));
+        let span = info_span!("pod_source", dir = %self.dir.display());
+        tokio::spawn(
+            async move {
+                let mut last_error = None;
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(self.poll) => {}
+                        () = drain.signaled() => return,
+                    }
+                    match self.load() {
+                        Ok(state) => {
+                            last_error = None;
+                            publish_if_changed(&out, state);
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            if last_error.as_ref() != Some(&msg) {
+                                warn!(error = %msg, "pod source unreadable; keeping the last good state");
+                            }
+                            last_error = Some(msg);
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(())
+    }
+}
+
+impl PodAnnotator for FilesSource {
     fn annotate(&self, pod: &Pod, key: &str, value: Option<&str>) -> Result<(), SourceError> {
         let path = self.annotations_file(pod);
         let mut all = self.read_annotations(pod);
@@ -236,6 +300,48 @@ pods:
         src.annotate(&pod, "ambient.istio.io/redirection", None)
             .unwrap();
         assert!(src.load().unwrap().pods[0].annotations.is_empty());
+    }
+
+    #[tokio::test]
+    async fn as_a_source_it_publishes_changes_and_keeps_the_last_good_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cluster.yaml");
+        std::fs::write(&file, "namespaces: [{name: foo}]\n").unwrap();
+        let (_trigger, drain) = mesh_rt::drain::new();
+        let src = FilesSource::new(dir.path()).with_poll(Duration::from_millis(20));
+        let mut rx = mesh_rt::source::subscribe(src.clone(), drain)
+            .await
+            .unwrap();
+        assert_eq!(rx.borrow_and_update().namespaces[0].name, "foo");
+        let wait = async |rx: &mut watch::Receiver<Arc<ClusterState>>| {
+            tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .expect("no new snapshot")
+                .unwrap();
+        };
+        write_atomic(
+            &file,
+            b"namespaces: [{name: bar, labels: {istio.io/dataplane-mode: ambient}}]\n",
+        )
+        .unwrap();
+        wait(&mut rx).await;
+        assert_eq!(rx.borrow_and_update().namespaces[0].name, "bar");
+        // An annotation written back is part of the next snapshot.
+        write_atomic(
+            &file,
+            b"namespaces: [{name: bar}]\npods: [{uid: u1, name: p, namespace: bar}]\n",
+        )
+        .unwrap();
+        wait(&mut rx).await;
+        let pod = rx.borrow_and_update().pods[0].clone();
+        src.annotate(&pod, "k", Some("v")).unwrap();
+        wait(&mut rx).await;
+        assert_eq!(rx.borrow_and_update().pods[0].annotations["k"], "v");
+        // A broken file is not a new state: the last good one stays.
+        std::fs::write(&file, "pods: {not: a list}").unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(rx.borrow().pods[0].uid, "u1");
     }
 
     #[test]

@@ -33,7 +33,7 @@ use cni_plugin::{
     iptables::{IptablesRestore, RuleBackend, RuleError},
     netns::Netns,
     redirect::{Family, PodOptions},
-    source::{FilesSource, PodSource},
+    source::FilesSource,
 };
 use common::{Proc, TestNs, link, runnable, wait_until, ztunnel_bin};
 
@@ -43,6 +43,9 @@ struct Lab {
     dir: tempfile::TempDir,
     host: TestNs,
     cfg: Config,
+    /// Keeps the pod source running for the test (dropping it stops the source).
+    _drain: mesh_rt::drain::DrainTrigger,
+    drain: mesh_rt::drain::DrainWatcher,
 }
 
 impl Lab {
@@ -74,7 +77,14 @@ impl Lab {
         };
         std::fs::create_dir_all(&cfg.pod_source_dir).unwrap();
         std::fs::create_dir_all(&cfg.proc_root).unwrap();
-        Lab { dir, host, cfg }
+        let (_drain, drain) = mesh_rt::drain::new();
+        Lab {
+            dir,
+            host,
+            cfg,
+            _drain,
+            drain,
+        }
     }
 
     /// Writes `cluster.yaml`: namespace `foo` (ambient or not) and pods (name, uid, ip).
@@ -109,8 +119,21 @@ impl Lab {
         let backend = Arc::new(IptablesRestore {
             families: self.cfg.families.clone(),
         });
-        let source = Arc::new(FilesSource::new(&self.cfg.pod_source_dir));
-        app::start(&self.cfg, backend, source).await.unwrap()
+        self.start_with(backend).await
+    }
+
+    /// Starts the agent with the files source, as the lab's agents run.
+    async fn start_with(
+        &self,
+        backend: Arc<dyn cni_plugin::iptables::RuleBackend>,
+    ) -> app::Running {
+        let files = FilesSource::new(&self.cfg.pod_source_dir);
+        let state = mesh_rt::source::subscribe(files.clone(), self.drain.clone())
+            .await
+            .unwrap();
+        app::start(&self.cfg, backend, state, Arc::new(files))
+            .await
+            .unwrap()
     }
 
     /// Runs the plugin's ADD like a runtime would; returns (exit code, stdout).
@@ -495,8 +518,7 @@ async fn a_failure_mid_enroll_leaves_no_rules_behind() {
     let backend = Arc::new(FailsAfterApplying(IptablesRestore {
         families: lab.cfg.families.clone(),
     }));
-    let source = Arc::new(FilesSource::new(&lab.cfg.pod_source_dir));
-    let running = app::start(&lab.cfg, backend, source).await.unwrap();
+    let running = lab.start_with(backend).await;
     let (code, out) = cni_add(&lab, "app-f", "uid-f", pod.path(), "10.223.0.1").await;
     assert_ne!(code, 0);
     assert!(out.contains("simulated failure"), "{out}");

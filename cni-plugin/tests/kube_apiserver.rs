@@ -15,8 +15,8 @@ use std::{
 };
 
 use cni_plugin::{
-    kube_source::{self, KubeSource},
-    source::PodSource,
+    kube_source::{self, KubeAnnotator, KubeSource},
+    source::PodAnnotator,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
@@ -119,19 +119,21 @@ async fn kube_source_sees_this_nodes_pods_and_annotates_them() {
         .unwrap();
 
     let mirror = tempfile::tempdir().unwrap();
-    let src = std::sync::Arc::new(
-        KubeSource::start(client.clone(), "node1", Some(mirror.path().to_path_buf()))
-            .await
-            .unwrap(),
-    );
+    let (_trigger, drain) = mesh_rt::drain::new();
+    let source = KubeSource {
+        client: client.clone(),
+        node: "node1".into(),
+        mirror: Some(mirror.path().to_path_buf()),
+    };
+    let rx = mesh_rt::source::subscribe(source, drain).await.unwrap();
+    let src = std::sync::Arc::new(KubeAnnotator::new(client.clone()));
     eventually("the pod's IP in the source", || {
-        src.load()
-            .unwrap()
+        rx.borrow()
             .pod("foo", "here")
             .is_some_and(|p| !p.ips.is_empty())
     })
     .await;
-    let state = src.load().unwrap();
+    let state = (**rx.borrow()).clone();
     assert!(
         state.pod("foo", "there").is_none(),
         "a pod of another node was watched"
@@ -155,10 +157,19 @@ async fn kube_source_sees_this_nodes_pods_and_annotates_them() {
         .await
         .unwrap();
     eventually("the label change in the source", || {
-        src.load()
-            .unwrap()
+        rx.borrow()
             .namespace_labels("foo")
             .is_some_and(|l| !l.contains_key("istio.io/dataplane-mode"))
+    })
+    .await;
+    // ... and so does the plugin's mirror.
+    eventually("the label change in the plugin's mirror", || {
+        cni_plugin::source::FilesSource::new(mirror.path())
+            .load()
+            .is_ok_and(|m| {
+                m.namespace_labels("foo")
+                    .is_some_and(|l| !l.contains_key("istio.io/dataplane-mode"))
+            })
     })
     .await;
 

@@ -1,7 +1,8 @@
 //! The Kubernetes pod source against a scripted API server on loopback (plain HTTP/1.1, no
 //! root). Pins: the pod watch is limited to this node (`fieldSelector=spec.nodeName=…`);
-//! `start` returns only after both initial lists; `load()` converts pods and namespaces and
-//! mirrors them to `cluster.yaml` for the plugin; `annotate` merge-patches `pods/status`.
+//! `start` returns only after both initial lists; the first snapshot converts pods and
+//! namespaces and is mirrored to `cluster.yaml` for the plugin; `annotate` merge-patches
+//! `pods/status`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,8 +14,8 @@ use std::{
 };
 
 use cni_plugin::{
-    kube_source::KubeSource,
-    source::{FilesSource, PodSource},
+    kube_source::{KubeAnnotator, KubeSource},
+    source::{FilesSource, PodAnnotator},
 };
 
 const PODS: &str = r#"{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"7"},"items":[{"metadata":{"name":"echo","namespace":"foo","uid":"u1","labels":{"app":"echo"}},"spec":{"nodeName":"node1","serviceAccountName":"echo","containers":[]},"status":{"phase":"Running","podIPs":[{"ip":"10.244.1.2"}]}}]}"#;
@@ -98,9 +99,15 @@ async fn watches_this_node_mirrors_for_the_plugin_and_patches_pod_status() {
     });
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let src = tokio::time::timeout(
+    let (_trigger, drain) = mesh_rt::drain::new();
+    let source = KubeSource {
+        client: client.clone(),
+        node: "node1".into(),
+        mirror: Some(dir.path().to_path_buf()),
+    };
+    let rx = tokio::time::timeout(
         Duration::from_secs(20),
-        KubeSource::start(client, "node1", Some(dir.path().to_path_buf())),
+        mesh_rt::source::subscribe(source, drain),
     )
     .await
     .expect("initial lists never completed")
@@ -118,7 +125,7 @@ async fn watches_this_node_mirrors_for_the_plugin_and_patches_pod_status() {
         "{pod_list}"
     );
 
-    let state = src.load().unwrap();
+    let state = (**rx.borrow()).clone();
     let pod = state.pod("foo", "echo").unwrap().clone();
     assert_eq!(pod.uid, "u1");
     assert_eq!(pod.service_account, "echo");
@@ -133,7 +140,7 @@ async fn watches_this_node_mirrors_for_the_plugin_and_patches_pod_status() {
     // The plugin's view (files) equals the agent's.
     assert_eq!(FilesSource::new(dir.path()).load().unwrap(), state);
 
-    let src = Arc::new(src);
+    let src = Arc::new(KubeAnnotator::new(client));
     let s2 = src.clone();
     let p2 = pod.clone();
     tokio::spawn(async move { s2.annotate(&p2, "ambient.istio.io/redirection", Some("enabled")) })

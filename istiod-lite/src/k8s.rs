@@ -552,6 +552,9 @@ impl Debug for Kubernetes {
 }
 
 impl Source for Kubernetes {
+    type State = Index;
+    type Error = SourceError;
+
     async fn start(
         self,
         out: watch::Sender<Arc<Index>>,

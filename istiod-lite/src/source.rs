@@ -1,6 +1,7 @@
-//! Where objects come from, behind one seam: a [`Source`] publishes a complete [`Index`] on a
-//! `watch` channel, first once everything has been read (only then does `start` return), then
-//! after every change. Two sources implement it:
+//! Where objects come from, behind one seam: the workspace-wide [`Source`] trait
+//! (`mesh_rt::source`, which the CNI node agent implements too) with a complete [`Index`] as
+//! its snapshot, published first once everything has been read (only then does `start`
+//! return), then after every change. Two sources implement it:
 //!
 //! - [`ManifestDir`]: a directory of Kubernetes manifests, read as `kubectl apply -f DIR`
 //!   would read it (every `*.yaml`/`*.yml`, multi-document), re-read whenever a file in it
@@ -18,7 +19,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use std::{future::Future, sync::Arc};
+use std::sync::Arc;
 
 use mesh_rt::drain::DrainWatcher;
 use tokio::sync::watch;
@@ -36,15 +37,7 @@ pub enum SourceError {
     Stopped,
 }
 
-/// A source of objects. `start` returns once the first complete index is on `out`; the
-/// source then keeps `out` current until `drain` fires.
-pub trait Source {
-    fn start(
-        self,
-        out: watch::Sender<Arc<Index>>,
-        drain: DrainWatcher,
-    ) -> impl Future<Output = Result<(), SourceError>> + Send;
-}
+pub use mesh_rt::source::Source;
 
 /// A directory of manifests, polled for changes.
 #[derive(Debug, Clone)]
@@ -54,6 +47,9 @@ pub struct ManifestDir {
 }
 
 impl Source for ManifestDir {
+    type State = Index;
+    type Error = SourceError;
+
     async fn start(
         self,
         out: watch::Sender<Arc<Index>>,

@@ -8,8 +8,8 @@ use cni_plugin::{
     app,
     config::{Args, SourceKind},
     iptables::IptablesRestore,
-    kube_source::{self, KubeSource},
-    source::{FilesSource, PodSource},
+    kube_source::{self, KubeAnnotator, KubeSource},
+    source::{FilesSource, PodAnnotator},
 };
 
 fn main() -> ExitCode {
@@ -44,24 +44,40 @@ fn main() -> ExitCode {
         let backend = Arc::new(IptablesRestore {
             families: cfg.families.clone(),
         });
-        let source: Arc<dyn PodSource> = match cfg.pod_source {
-            SourceKind::Files => Arc::new(FilesSource::new(&cfg.pod_source_dir)),
-            SourceKind::Kubernetes => {
-                let started = async {
-                    let client = kube_source::client(cfg.kubeconfig.as_deref()).await?;
-                    KubeSource::start(client, &cfg.node_name, Some(cfg.pod_source_dir.clone()))
-                        .await
+        // The agent runs until the process ends; nothing drains the source before that.
+        let (_never, drain) = mesh_rt::drain::new();
+        let started: Result<(_, Arc<dyn PodAnnotator>), String> = match cfg.pod_source {
+            SourceKind::Files => {
+                let files = FilesSource::new(&cfg.pod_source_dir);
+                mesh_rt::source::subscribe(files.clone(), drain)
+                    .await
+                    .map(|rx| (rx, Arc::new(files) as Arc<dyn PodAnnotator>))
+                    .map_err(|e| e.to_string())
+            }
+            SourceKind::Kubernetes => async {
+                let client = kube_source::client(cfg.kubeconfig.as_deref()).await?;
+                let source = KubeSource {
+                    client: client.clone(),
+                    node: cfg.node_name.clone(),
+                    mirror: Some(cfg.pod_source_dir.clone()),
                 };
-                match started.await {
-                    Ok(s) => Arc::new(s),
-                    Err(e) => {
-                        tracing::error!(error = %e, "the Kubernetes pod source failed to start");
-                        return ExitCode::FAILURE;
-                    }
-                }
+                let rx = mesh_rt::source::subscribe(source, drain).await?;
+                Ok::<_, kube_source::KubeSourceError>((
+                    rx,
+                    Arc::new(KubeAnnotator::new(client)) as Arc<dyn PodAnnotator>,
+                ))
+            }
+            .await
+            .map_err(|e| e.to_string()),
+        };
+        let (state, annotator) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "the pod source failed to start");
+                return ExitCode::FAILURE;
             }
         };
-        let _running = match app::start(&cfg, backend, source).await {
+        let _running = match app::start(&cfg, backend, state, annotator).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "node agent failed to start");

@@ -9,6 +9,7 @@
 //! - [`http`] — a tiny HTTP/1 server for admin, metrics and readiness endpoints;
 //! - [`logging`] — tracing setup with a runtime-adjustable filter;
 //! - [`signal`] — SIGTERM/SIGINT;
+//! - [`source`] — the snapshot-source trait the control plane and the node agent share;
 //! - [`watch`] — polling a configuration file for changes.
 
 pub mod config;
@@ -18,4 +19,5 @@ pub mod logging;
 pub mod memory;
 pub mod readiness;
 pub mod signal;
+pub mod source;
 pub mod watch;
