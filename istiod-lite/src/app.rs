@@ -35,8 +35,8 @@ use crate::{
     k8s,
     source::{ManifestDir, Source},
     status,
-    translate::{self, Settings},
-    xds::{Snapshot, Stats, XdsServer},
+    translate::{Settings, Translator},
+    xds::{Encoder, Snapshot, Stats, XdsServer},
 };
 
 /// A running control plane.
@@ -94,13 +94,15 @@ pub fn load_or_create_ca(dir: &Path, trust_domain: &str) -> anyhow::Result<Local
     Ok(LocalCa::from_ca_pem(&pem)?)
 }
 
+/// Translates and encodes `idx` (both incrementally), and publishes it if anything changed.
 fn publish(
-    idx: &Index,
+    idx: &Arc<Index>,
     settings: &Settings,
+    (translator, encoder): &mut (Translator, Encoder),
     out: &watch::Sender<Arc<Snapshot>>,
     conditions: &watch::Sender<Arc<Vec<Condition>>>,
 ) {
-    let r = translate::translate(idx, settings);
+    let r = translator.translate(idx, settings);
     conditions.send_if_modified(|c| {
         let changed = **c != r.conditions;
         if changed {
@@ -111,8 +113,9 @@ fn publish(
     for n in &r.notes {
         info!(note = %n, "policy translation");
     }
-    let snap = Snapshot::from_resources(&r).with_kube_objects(idx.kube_objects.values());
-    if **out.borrow() != snap {
+    let resources = encoder.encode(&r, idx.kube_objects.values());
+    let next = out.borrow().successor(resources);
+    if let Some(next) = next {
         info!(
             workloads = r.workloads.len(),
             services = r.services.len(),
@@ -120,7 +123,7 @@ fn publish(
             kube_objects = idx.kube_objects.len(),
             "pushing a new configuration"
         );
-        out.send_replace(Arc::new(snap));
+        out.send_replace(Arc::new(next));
     }
 }
 
@@ -188,14 +191,17 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
         },
     };
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
-    publish(&index_rx.borrow(), &settings, &snap_tx, &cond_tx);
+    let mut caches = (Translator::default(), Encoder::default());
+    let first = index_rx.borrow().clone();
+    publish(&first, &settings, &mut caches, &snap_tx, &cond_tx);
+    drop(first);
 
     let mut idx_changes = index_rx.clone();
     tokio::spawn(
         async move {
             while idx_changes.changed().await.is_ok() {
                 let idx = idx_changes.borrow_and_update().clone();
-                publish(&idx, &settings, &snap_tx, &cond_tx);
+                publish(&idx, &settings, &mut caches, &snap_tx, &cond_tx);
             }
         }
         .instrument(info_span!("translate")),

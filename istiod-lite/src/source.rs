@@ -15,6 +15,7 @@
 //! AuthorizationPolicy are also kept verbatim for waypoints ([`crate::index::KubeObject`]).
 
 use std::{
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -55,16 +56,19 @@ impl Source for ManifestDir {
         out: watch::Sender<Arc<Index>>,
         drain: DrainWatcher,
     ) -> Result<(), SourceError> {
-        let first = load_dir(&self.dir).map_err(|source| SourceError::Manifests {
-            dir: self.dir.display().to_string(),
-            source,
-        })?;
-        for r in &first.rejected {
+        let mut state = DirState::default();
+        state
+            .refresh(&self.dir)
+            .map_err(|source| SourceError::Manifests {
+                dir: self.dir.display().to_string(),
+                source,
+            })?;
+        for r in &state.index.rejected {
             warn!(rejected = %r, "manifest skipped");
         }
-        out.send_replace(Arc::new(first));
+        out.send_replace(Arc::new(state.index.clone()));
         tokio::spawn(
-            watch_dir(self.dir, self.poll, out, drain).instrument(info_span!("manifests")),
+            watch_dir(self.dir, self.poll, state, out, drain).instrument(info_span!("manifests")),
         );
         Ok(())
     }
@@ -72,21 +76,160 @@ impl Source for ManifestDir {
 
 /// Reads every manifest in `dir` into a fresh index.
 pub fn load_dir(dir: &Path) -> Result<Index, std::io::Error> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .collect();
-    files.sort();
-    let mut objects = Vec::new();
-    let mut rejected = Vec::new();
-    for f in &files {
-        let text = std::fs::read_to_string(f)?;
-        let (o, r) = parse_manifests(&f.display().to_string(), &text);
-        objects.extend(o);
-        rejected.extend(r);
-    }
-    Ok(Index::reset(objects, rejected))
+    let mut d = DirState::default();
+    d.refresh(dir)?;
+    Ok(d.index)
 }
+
+/// What identifies a file's content without reading it: modification time, size, inode (a
+/// rename replaces the inode).
+type Stamp = (Option<SystemTime>, u64, u64);
+
+fn file_stamp(m: &std::fs::Metadata) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    (m.modified().ok(), m.len(), m.ino())
+}
+
+/// One manifest file as last read: its objects (with kind and key) and rejections.
+#[derive(Debug, Default)]
+struct Parsed {
+    stamp: Option<Stamp>,
+    objects: Vec<(&'static str, String, Object)>,
+    rejected: Vec<String>,
+}
+
+/// The directory as last read, file by file, and the index built from it. A refresh parses
+/// only the files whose stamp changed and re-applies only the objects whose kind and key one
+/// of them held (before or after), so the index is what reading everything again gives
+/// (files in name order, a later object of the same kind and key wins) at the cost of what
+/// changed.
+#[derive(Debug, Default)]
+pub struct DirState {
+    files: std::collections::BTreeMap<PathBuf, Parsed>,
+    pub index: Index,
+}
+
+impl DirState {
+    /// Re-reads what changed in `dir`; returns whether anything did. On an I/O error nothing
+    /// is changed.
+    pub fn refresh(&mut self, dir: &Path) -> Result<bool, std::io::Error> {
+        let Some(affected) = self.read(dir)? else {
+            return Ok(false);
+        };
+        let mut index = std::mem::take(&mut self.index);
+        self.reapply(&mut index, &affected);
+        self.index = index;
+        Ok(true)
+    }
+
+    /// Re-reads the files that changed; returns the kinds and keys they held before or hold
+    /// now, or None if nothing changed.
+    fn read(&mut self, dir: &Path) -> Result<Option<Affected>, std::io::Error> {
+        let mut listed: Vec<(PathBuf, Stamp)> = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let p = e?.path();
+            if !p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                continue;
+            }
+            let m = std::fs::metadata(&p)?;
+            listed.push((p, file_stamp(&m)));
+        }
+        let mut fresh: Vec<(PathBuf, Parsed)> = Vec::new();
+        for (p, st) in &listed {
+            if self.files.get(p).and_then(|f| f.stamp) == Some(*st) {
+                continue;
+            }
+            let text = std::fs::read_to_string(p)?;
+            let (objects, rejected) = parse_manifests(&p.display().to_string(), &text);
+            let objects = objects
+                .into_iter()
+                .map(|o| (o.kind(), o.key(), o))
+                .collect();
+            fresh.push((
+                p.clone(),
+                Parsed {
+                    stamp: Some(*st),
+                    objects,
+                    rejected,
+                },
+            ));
+        }
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !listed.iter().any(|(l, _)| l == *p))
+            .cloned()
+            .collect();
+        if fresh.is_empty() && gone.is_empty() {
+            return Ok(None);
+        }
+        let mut affected = Affected::new();
+        for p in fresh.iter().map(|(p, _)| p).chain(&gone) {
+            if let Some(old) = self.files.remove(p) {
+                for (k, key, _) in old.objects {
+                    affected.entry(k).or_default().insert(key);
+                }
+            }
+        }
+        for (p, parsed) in fresh {
+            for (k, key, _) in &parsed.objects {
+                affected.entry(k).or_default().insert(key.clone());
+            }
+            self.files.insert(p, parsed);
+        }
+        Ok(Some(affected))
+    }
+
+    /// Brings `index` (as of before the last read) up to date with the files.
+    fn reapply(&self, index: &mut Index, affected: &Affected) {
+        for (kind, keys) in affected {
+            for key in keys {
+                index.delete(kind, key);
+            }
+        }
+        for f in self.files.values() {
+            for (kind, key, o) in &f.objects {
+                if affected.get(kind).is_some_and(|k| k.contains(key)) {
+                    index.apply(o.clone());
+                }
+            }
+        }
+        index.rejected = self
+            .files
+            .values()
+            .flat_map(|f| f.rejected.iter().cloned())
+            .collect();
+    }
+
+    /// Re-reads what changed and publishes the new index on `out` without copying it: the
+    /// index published before comes back from the channel and, once nobody else holds it, is
+    /// brought up to date as the next working copy (otherwise it is copied). Returns whether
+    /// anything changed.
+    pub fn refresh_and_publish(
+        &mut self,
+        dir: &Path,
+        out: &watch::Sender<Arc<Index>>,
+    ) -> Result<bool, std::io::Error> {
+        let Some(affected) = self.read(dir)? else {
+            return Ok(false);
+        };
+        let mut index = std::mem::take(&mut self.index);
+        self.reapply(&mut index, &affected);
+        let published = Arc::new(index);
+        let previous = out.send_replace(published.clone());
+        self.index = match Arc::try_unwrap(previous) {
+            Ok(mut old) => {
+                self.reapply(&mut old, &affected);
+                old
+            }
+            Err(_) => (*published).clone(),
+        };
+        Ok(true)
+    }
+}
+
+/// Kind → keys whose objects must be applied again.
+type Affected = HashMap<&'static str, HashSet<String>>;
 
 /// Parses multi-document YAML into objects and one rejection line per bad document.
 pub fn parse_manifests(file: &str, text: &str) -> (Vec<Object>, Vec<String>) {
@@ -178,44 +321,29 @@ fn parse_object(at: &str, value: serde_yaml::Value) -> Result<Vec<Object>, Strin
     })
 }
 
-/// Newest modification time of the directory and its manifests (a cheap change check).
-fn stamp(dir: &Path) -> Option<SystemTime> {
-    let mut newest = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
-            newest = newest.max(Some(t));
-        }
-    }
-    newest
-}
-
 /// Watches `dir`, publishing a fresh index after every change. A directory that cannot be
 /// read keeps the last good index.
 pub async fn watch_dir(
     dir: PathBuf,
     every: Duration,
+    mut state: DirState,
     out: watch::Sender<Arc<Index>>,
     drain: mesh_rt::drain::DrainWatcher,
 ) {
-    let mut last = stamp(&dir);
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = drain.signaled() => return,
         }
-        let now = stamp(&dir);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match load_dir(&dir) {
-            Ok(idx) => {
+        match state.refresh_and_publish(&dir, &out) {
+            Ok(false) => {}
+            Ok(true) => {
+                let idx = out.borrow().clone();
                 for r in &idx.rejected {
                     warn!(rejected = %r, "manifest skipped");
                 }
                 info!(dir = %dir.display(), pods = idx.pods.len(), services = idx.services.len(),
                     policies = idx.authorization_policies.len(), "manifests reloaded");
-                out.send_replace(Arc::new(idx));
             }
             Err(e) => {
                 warn!(dir = %dir.display(), error = %e, "cannot read manifests; keeping the last ones")
@@ -300,5 +428,50 @@ metadata: {name: not-gateway-api}
         assert!(!route.json.contains("status"), "{}", route.json);
         let Object::Kube(dr) = &objs[4] else { panic!() };
         assert_eq!(dr.resource_name(), "DestinationRule/default/echo");
+    }
+
+    /// Random rewrites, additions and removals of files, with the same objects in several
+    /// files: after each refresh the index is exactly what reading everything again gives.
+    #[test]
+    fn a_refresh_equals_a_full_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut state = DirState::default();
+        let (out, _rx) = watch::channel(Arc::new(Index::default()));
+        for step in 0..150 {
+            let file = dir.path().join(format!("f{}.yaml", next(5)));
+            if next(4) == 0 {
+                let _ = std::fs::remove_file(&file);
+            } else {
+                let mut text = String::new();
+                for _ in 0..next(4) {
+                    let (n, ip, app) = (next(6), next(3), next(2));
+                    text.push_str(&match next(4) {
+                        0 => format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns{n}, labels: {{v: \"{ip}\"}}}}\n"),
+                        1 => format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{n}, namespace: a}}\nspec: {{clusterIP: 10.96.0.{ip}, selector: {{app: a{app}}}}}\n"),
+                        2 => "apiVersion: v1\nkind: Pod\nmetadata: {name: bad, namespace: a}\nspec: {containers: 1}\n".to_owned(),
+                        _ => format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p{n}, namespace: a, labels: {{app: a{app}}}}}\nstatus: {{podIP: 10.0.0.{ip}}}\n"),
+                    });
+                    text.push_str("---\n");
+                }
+                // Replaced as editors and kubectl-style tools do: a new file renamed over it.
+                let tmp = dir.path().join("tmp");
+                std::fs::write(&tmp, text).unwrap();
+                std::fs::rename(&tmp, &file).unwrap();
+            }
+            // Sometimes someone still holds the published index: it is copied instead.
+            let held = (step % 7 == 0).then(|| out.borrow().clone());
+            state.refresh_and_publish(dir.path(), &out).unwrap();
+            drop(held);
+            let full = format!("{:?}", load_dir(dir.path()).unwrap());
+            assert_eq!(format!("{:?}", state.index), full, "step {step}");
+            assert_eq!(format!("{:?}", **out.borrow()), full, "step {step}");
+        }
     }
 }

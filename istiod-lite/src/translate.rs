@@ -14,7 +14,7 @@
 //! - Services and Pods bound to a waypoint (`istio.io/use-waypoint`, see [`waypoint`]) carry
 //!   its address; refused bindings become notes naming the reason.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::core::v1::{Pod, Service as K8sService},
@@ -60,7 +60,7 @@ pub struct Settings {
 /// The resources for one index.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resources {
-    pub workloads: Vec<Workload>,
+    pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Service>,
     pub authorizations: Vec<Authorization>,
     /// Why something was left out or changed, one line each (for logs and status).
@@ -249,9 +249,18 @@ fn service_of(svc: &K8sService, suffix: &str) -> Option<Service> {
     })
 }
 
-/// Translates the whole index.
-pub fn translate(idx: &Index, s: &Settings) -> Resources {
-    let mut out = Resources::default();
+/// What every workload's translation shares: the policies (as written and converted), and
+/// the outputs that do not depend on pods.
+#[derive(Debug, Clone)]
+struct Base {
+    set: PolicySet,
+    converted: mesh_policy::istiod::Resources,
+    services: Vec<Service>,
+    notes: Vec<String>,
+    conditions: Vec<mesh_policy::mesh::Condition>,
+}
+
+fn base(idx: &Index, s: &Settings) -> Base {
     let set = PolicySet {
         authorization_policies: idx.authorization_policies.values().cloned().collect(),
         peer_authentications: idx.peer_authentications.values().cloned().collect(),
@@ -260,19 +269,19 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
     // The Authorization resources and each policy's ZtunnelAccepted condition, converted
     // once per translation (mesh-policy's copy of istiod's ambient index).
     let converted = mesh_policy::istiod::resources(&set, &s.mesh);
-    out.conditions = converted.conditions.clone();
-    out.conditions.extend(waypoint::policy_conditions(
+    let mut conditions = converted.conditions.clone();
+    conditions.extend(waypoint::policy_conditions(
         idx,
         &s.mesh.root_namespace,
         &s.domain_suffix,
     ));
+    let mut notes = Vec::new();
     for c in &converted.conditions {
         if !(c.reason == "Accepted" && c.message == "attached to ztunnel") {
-            out.notes
-                .push(format!("{}: {}: {}", c.policy, c.reason, c.message));
+            notes.push(format!("{}: {}: {}", c.policy, c.reason, c.message));
         }
     }
-
+    let mut services = Vec::new();
     for svc in idx.services.values() {
         if let Some(mut v) = service_of(svc, &s.domain_suffix) {
             let labels = svc.metadata.labels.as_ref();
@@ -282,103 +291,209 @@ pub fn translate(idx: &Index, s: &Settings) -> Resources {
                 v.waypoint = bind(
                     &format!("Service {}/{}", v.namespace, v.name),
                     b,
-                    &mut out.notes,
+                    &mut notes,
                 );
             }
-            out.services.push(v);
+            services.push(v);
         }
+    }
+    Base {
+        set,
+        converted,
+        services,
+        notes,
+        conditions,
+    }
+}
+
+/// What one pod became: its workload (None: it has no IP yet) and notes about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PodOut {
+    workload: Option<Arc<Workload>>,
+    notes: Vec<String>,
+}
+
+fn pod_workload(idx: &Index, s: &Settings, b: &Base, pod: &Pod) -> PodOut {
+    let (set, converted) = (&b.set, &b.converted);
+    let mut out = PodOut::default();
+    let ips = pod_ips(pod);
+    if ips.is_empty() {
+        return out;
+    }
+    let ns = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let ambient = is_ambient(idx, pod);
+    let policies = if ambient {
+        mesh_policy::istiod::workload_policy_keys(set, &s.mesh, converted, &ns, labels, None)
+    } else {
+        Vec::new()
+    };
+    let waypoint = if ambient && !waypoint::is_waypoint_object(Some(labels)) {
+        let b = waypoint::resolve(idx, &ns, Some(labels), Target::Workload, &s.domain_suffix);
+        bind(&format!("Pod {ns}/{name}"), b, &mut out.notes)
+    } else {
+        None
+    };
+    let (workload_name, workload_type) = workload_name_and_type(pod);
+    // Only a Service of the pod's namespace can select it: its keys share the prefix.
+    let prefix = format!("{ns}/");
+    let services = idx
+        .services
+        .range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
+        .map(|(_, svc)| svc)
+        .filter(|svc| selects(svc, pod))
+        .map(|svc| {
+            (
+                format!("{ns}/{}", service_hostname(svc, &s.domain_suffix)),
+                pod_ports(svc, pod),
+            )
+        })
+        .collect();
+    let spec = pod.spec.as_ref();
+    out.workload = Some(Arc::new(Workload {
+        uid: format!("{}//Pod/{ns}/{name}", s.cluster_id),
+        name: name.clone(),
+        namespace: ns,
+        workload_ips: ips,
+        network: String::new(),
+        protocol: if ambient {
+            TunnelProtocol::Hbone
+        } else {
+            TunnelProtocol::None
+        },
+        trust_domain: s.mesh.trust_domain.clone(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        hostname: String::new(),
+        waypoint,
+        canonical_name: label(
+            labels,
+            &[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ],
+        )
+        .unwrap_or(&workload_name)
+        .to_owned(),
+        canonical_revision: label(
+            labels,
+            &[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ],
+        )
+        .unwrap_or("latest")
+        .to_owned(),
+        workload_name,
+        workload_type: workload_type.to_owned(),
+        cluster_id: s.cluster_id.clone(),
+        authorization_policies: policies,
+        status: if pod_ready(pod) {
+            HealthStatus::Healthy
+        } else {
+            HealthStatus::Unhealthy
+        },
+        services,
+    }));
+    out
+}
+
+/// Translates the whole index.
+pub fn translate(idx: &Index, s: &Settings) -> Resources {
+    let b = base(idx, s);
+    let pods: Vec<PodOut> = idx
+        .pods
+        .values()
+        .map(|p| pod_workload(idx, s, &b, p))
+        .collect();
+    assemble(&b, pods.iter())
+}
+
+fn assemble<'a>(b: &Base, pods: impl Iterator<Item = &'a PodOut> + Clone) -> Resources {
+    let mut notes = b.notes.clone();
+    notes.extend(pods.clone().flat_map(|p| p.notes.iter().cloned()));
+    Resources {
+        workloads: pods.filter_map(|p| p.workload.clone()).collect(),
+        services: b.services.clone(),
+        authorizations: b.converted.authorizations.clone(),
+        notes,
+        conditions: b.conditions.clone(),
+    }
+}
+
+/// Translates index after index with the result of [`translate`], redoing only the pods
+/// that changed when nothing else did. A workload depends on its pod and on the namespaces,
+/// Services, policies and Gateways; a change to any of those translates everything again.
+/// Unchanged workloads keep their `Arc`, so the encoder can tell them apart cheaply. It
+/// keeps copies of what it compares (not the index: the source may reuse that one).
+#[derive(Debug, Default)]
+pub struct Translator {
+    last: Option<(Context, Base)>,
+    /// Pod key → the pod as translated, and what it became.
+    pods: BTreeMap<String, (Pod, PodOut)>,
+}
+
+/// The inputs of a workload other than its pod.
+#[derive(Debug, PartialEq)]
+struct Context {
+    namespaces: BTreeMap<String, k8s_openapi::api::core::v1::Namespace>,
+    services: BTreeMap<String, K8sService>,
+    authorization_policies: BTreeMap<String, mesh_policy::model::AuthorizationPolicy>,
+    peer_authentications: BTreeMap<String, mesh_policy::model::PeerAuthentication>,
+    /// Gateways have no PartialEq; there are few of them.
+    gateways: String,
+}
+
+impl Context {
+    fn same(&self, idx: &Index) -> bool {
+        self.namespaces == idx.namespaces
+            && self.services == idx.services
+            && self.authorization_policies == idx.authorization_policies
+            && self.peer_authentications == idx.peer_authentications
+            && self.gateways == format!("{:?}", idx.gateways)
     }
 
-    for pod in idx.pods.values() {
-        let ips = pod_ips(pod);
-        if ips.is_empty() {
-            continue;
+    fn of(idx: &Index) -> Context {
+        Context {
+            namespaces: idx.namespaces.clone(),
+            services: idx.services.clone(),
+            authorization_policies: idx.authorization_policies.clone(),
+            peer_authentications: idx.peer_authentications.clone(),
+            gateways: format!("{:?}", idx.gateways),
         }
-        let ns = pod
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let empty = BTreeMap::new();
-        let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
-        let ambient = is_ambient(idx, pod);
-        let policies = if ambient {
-            mesh_policy::istiod::workload_policy_keys(&set, &s.mesh, &converted, &ns, labels, None)
-        } else {
-            Vec::new()
-        };
-        let waypoint = if ambient && !waypoint::is_waypoint_object(Some(labels)) {
-            let b = waypoint::resolve(idx, &ns, Some(labels), Target::Workload, &s.domain_suffix);
-            bind(&format!("Pod {ns}/{name}"), b, &mut out.notes)
-        } else {
-            None
-        };
-        let (workload_name, workload_type) = workload_name_and_type(pod);
-        let services = idx
-            .services
-            .values()
-            .filter(|svc| selects(svc, pod))
-            .map(|svc| {
-                (
-                    format!("{ns}/{}", service_hostname(svc, &s.domain_suffix)),
-                    pod_ports(svc, pod),
-                )
-            })
-            .collect();
-        let spec = pod.spec.as_ref();
-        out.workloads.push(Workload {
-            uid: format!("{}//Pod/{ns}/{name}", s.cluster_id),
-            name: name.clone(),
-            namespace: ns,
-            workload_ips: ips,
-            network: String::new(),
-            protocol: if ambient {
-                TunnelProtocol::Hbone
-            } else {
-                TunnelProtocol::None
-            },
-            trust_domain: s.mesh.trust_domain.clone(),
-            service_account: spec
-                .and_then(|s| s.service_account_name.clone())
-                .unwrap_or_else(|| "default".into()),
-            node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-            hostname: String::new(),
-            waypoint,
-            canonical_name: label(
-                labels,
-                &[
-                    "service.istio.io/canonical-name",
-                    "app.kubernetes.io/name",
-                    "app",
-                ],
-            )
-            .unwrap_or(&workload_name)
-            .to_owned(),
-            canonical_revision: label(
-                labels,
-                &[
-                    "service.istio.io/canonical-revision",
-                    "app.kubernetes.io/version",
-                    "version",
-                ],
-            )
-            .unwrap_or("latest")
-            .to_owned(),
-            workload_name,
-            workload_type: workload_type.to_owned(),
-            cluster_id: s.cluster_id.clone(),
-            authorization_policies: policies,
-            status: if pod_ready(pod) {
-                HealthStatus::Healthy
-            } else {
-                HealthStatus::Unhealthy
-            },
-            services,
-        });
     }
-    out.authorizations = converted.authorizations;
-    out
+}
+
+impl Translator {
+    pub fn translate(&mut self, idx: &Index, s: &Settings) -> Resources {
+        if !self.last.as_ref().is_some_and(|(ctx, _)| ctx.same(idx)) {
+            self.pods.clear();
+            self.last = None;
+        }
+        let (_, b) = self
+            .last
+            .get_or_insert_with(|| (Context::of(idx), base(idx, s)));
+        self.pods.retain(|k, _| idx.pods.contains_key(k));
+        for (k, pod) in &idx.pods {
+            if self.pods.get(k).is_some_and(|(p, _)| p == pod) {
+                continue;
+            }
+            self.pods
+                .insert(k.clone(), (pod.clone(), pod_workload(idx, s, b, pod)));
+        }
+        assemble(b, self.pods.values().map(|(_, o)| o))
+    }
 }
 
 #[cfg(test)]
@@ -581,5 +696,62 @@ spec: {{mtls: {{mode: STRICT}}}}
         );
         let legacy = r.workloads.iter().find(|w| w.name == "opted-out").unwrap();
         assert!(legacy.authorization_policies.is_empty());
+    }
+
+    /// Pod edits one at a time (new IP, new labels, gone, back), then a Service and a
+    /// namespace change: the incremental translator always gives what a full one gives, and
+    /// keeps the `Arc` of every workload whose pod did not change.
+    #[test]
+    fn the_incremental_translator_equals_a_full_translation() {
+        let pod = |n: usize, ip: usize, app: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{n}, namespace: foo, labels: {{app: {app}}}}}\n\
+                 spec: {{containers: [{{name: c, image: x}}]}}\n\
+                 status: {{phase: Running, podIP: 10.0.{n}.{ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+            )
+        };
+        let mut pods: Vec<Option<(usize, &str)>> = vec![Some((1, "echo")); 6];
+        let mut t = Translator::default();
+        let mut extra = String::new();
+        for step in 0..40 {
+            let i = (step * 7) % pods.len();
+            pods[i] = match step % 4 {
+                0 => Some((step, "echo")),
+                1 => Some((1, "other")),
+                2 => None,
+                _ => Some((2, "echo")),
+            };
+            if step == 30 {
+                extra =
+                    "---\napiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: foo}\n\
+                         spec: {clusterIP: 10.96.0.9, selector: {app: other}, ports: [{port: 1}]}\n"
+                        .to_owned();
+            }
+            let yaml = pods
+                .iter()
+                .enumerate()
+                .filter_map(|(n, p)| p.map(|(ip, app)| pod(n, ip, app)))
+                .fold(BASE.to_owned() + &extra, |a, b| a + &b);
+            let idx = index(&yaml);
+            let before: BTreeMap<String, Arc<Workload>> = t
+                .pods
+                .values()
+                .filter_map(|(_, o)| o.workload.clone())
+                .map(|w| (w.uid.clone(), w))
+                .collect();
+            let r = t.translate(&idx, &settings());
+            assert_eq!(r, translate(&idx, &settings()), "step {step}");
+            if step != 0 && step != 30 {
+                let kept = r
+                    .workloads
+                    .iter()
+                    .filter(|w| before.get(&w.uid).is_some_and(|b| Arc::ptr_eq(b, w)))
+                    .count();
+                assert!(
+                    kept + 1 >= r.workloads.len(),
+                    "step {step}: only {kept} kept"
+                );
+            }
+        }
     }
 }
