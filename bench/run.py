@@ -13,9 +13,12 @@ Systems under test (SUTs):
            :15001) and one in srv (HBONE in on :15008), local config + local CA
   external any other ztunnel binary given with --external (e.g. Istio's), fed the same
            local config file (Istio's LOCAL_XDS_PATH format) with FAKE_CA=true
+  ours_unpooled  ours with POOL_UNUSED_RELEASE_TIMEOUT=0s and POOL_MAX_STREAMS_PER_CONNECTION=1
+           (Istio's knobs): every connection does its own mTLS handshake; runs only L6
 
 Scenarios: L1 iperf3 1 stream (fwd and reverse), L2 iperf3 -P 4, L3 sockperf ping-pong
-64 B, L5 new connections/s over the pooled tunnel, L7 idle memory per proxied connection.
+64 B, L5 new connections/s over the pooled tunnel, L6 new connections/s with a new mTLS
+tunnel each (nomesh, ruler, ours_unpooled), L7 idle memory per proxied connection.
 
 Safety: the namespaces are created with unique names, have no route to any real
 interface, and everything this script starts is killed by PID and every namespace it made
@@ -250,9 +253,13 @@ services: []
 class Ztunnel(Sut):
     """A ztunnel pair in dedicated mode: client side in cli, server side in srv."""
 
-    def __init__(self, lab, work, binary, name, workers, external=False):
+    def __init__(self, lab, work, binary, name, workers, external=False, extra_env=None,
+                 only=None):
         super().__init__(lab, work)
         self.binary, self.name, self.workers, self.external = binary, name, workers, external
+        self.extra_env = extra_env or {}
+        # Scenarios this SUT runs (None: all but L6, which needs the pool off).
+        self.only = only
 
     def env(self, node):
         e = dict(os.environ)
@@ -266,6 +273,7 @@ class Ztunnel(Sut):
                       "ENABLE_ORIG_SRC": "false"})
         else:
             e.update({"LOCAL_CA_DIR": str(self.work / "ca")})
+        e.update(self.extra_env)
         return e
 
     def start(self):
@@ -475,7 +483,18 @@ def summarize(reps, suts):
         vs_n = per_rep("L5", lambda o, r, n: o["conn_per_s"] / n["conn_per_s"])
         summary["L5"] = {s: {"vs_ruler": median_range(vs_r[s]),
                              "vs_nomesh": median_range(vs_n[s])} for s in mesh}
-    return summary
+    if any("L6" in r for r in reps):
+        vs_r = per_rep("L6", lambda o, r, n: o["conn_per_s"] / r["conn_per_s"])
+        vs_n = per_rep("L6", lambda o, r, n: o["conn_per_s"] / n["conn_per_s"])
+        # Both proxies' CPU per connection: one client and one server handshake each.
+        cpu = per_rep("L6", lambda o, r, n: o["proxy_cpu_us_per_conn"])
+        summary["L6"] = {s: {"vs_ruler": median_range(vs_r[s]),
+                             "vs_nomesh": median_range(vs_n[s]),
+                             "proxy_cpu_us_per_handshake_pair": median_range(cpu[s])}
+                         for s in mesh if vs_n[s]}
+    # A SUT that did not run a scenario (ours_unpooled runs only L6) has no row there.
+    return {scn: {s: m for s, m in by_sut.items() if any(v is not None for v in m.values())}
+            for scn, by_sut in summary.items()}
 
 
 def flat_summary(summary):
@@ -519,7 +538,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer, shorter repetitions (<3 min)")
     ap.add_argument("--reps", type=int)
-    ap.add_argument("--scenarios", default="L1,L1R,L2,L3,L5,L7")
+    ap.add_argument("--scenarios", default="L1,L1R,L2,L3,L5,L6,L7")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--external", help="path of another ztunnel binary to compare (e.g. Istio's)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -555,7 +574,7 @@ def main():
                            "workers": a.workers, "pinning": f"load cpu {LOAD_CPU}, proxies cpu "
                            f"{PROXY_CPU}", "cipher": "rustls default order (AES-128-GCM first)",
                            "kx": "X25519", "certs": "ECDSA P-256 from a local root",
-                           "log_level": "warn", "allocator": "system (glibc malloc)"},
+                           "log_level": "warn", "allocator": "jemalloc (ztunnel's global allocator)"},
               "reps": [], "L7": {}, "errors": []}
 
     def stop_all(*_):
@@ -567,11 +586,25 @@ def main():
     signal.signal(signal.SIGTERM, stop_all)
     try:
         lab.create()
+        unpooled = {"POOL_UNUSED_RELEASE_TIMEOUT": "0s", "POOL_MAX_STREAMS_PER_CONNECTION": "1"}
         suts = [NoMesh(lab, work), Ruler(lab, work),
                 Ztunnel(lab, work, str(zt), "ours", a.workers)]
         if a.external:
             suts.append(Ztunnel(lab, work, a.external, "external", a.workers, external=True))
+        if "L6" in scenarios:
+            suts.append(Ztunnel(lab, work, str(zt), "ours_unpooled", a.workers,
+                                extra_env=unpooled, only={"L6"}))
+            if a.external:
+                suts.append(Ztunnel(lab, work, a.external, "external_unpooled", a.workers,
+                                    external=True, extra_env=unpooled, only={"L6"}))
         names = [s.name for s in suts]
+
+        def runs(sut, scn):
+            only = getattr(sut, "only", None)
+            if only is not None:
+                return scn in only
+            # A pooled mesh SUT would measure L5 again under L6's name.
+            return not (scn == "L6" and isinstance(sut, Ztunnel))
 
         def one(scn, sut, short=False):
             t = 1 if short else None
@@ -583,17 +616,20 @@ def main():
                 return iperf(lab, sut, t or t_bulk, streams=4)
             if scn == "L3":
                 return sockperf(lab, sut, t or t_lat)
-            if scn == "L5":
+            if scn in ("L5", "L6"):
                 return connrate(lab, sut, t or t_conn, str(tool))
             raise ValueError(scn)
 
         timed = [s for s in scenarios if s != "L7"]
         log(f"warm-up: one short untimed pass per SUT and scenario ({', '.join(timed)})")
         for sut in suts:
+            if not any(runs(sut, scn) for scn in timed):
+                continue
             sut.start()
             try:
                 for scn in timed:
-                    one(scn, sut, short=True)
+                    if runs(sut, scn):
+                        one(scn, sut, short=True)
             finally:
                 sut.stop()
         for rep in range(reps):
@@ -601,9 +637,13 @@ def main():
             row = {}
             log(f"repetition {rep + 1}/{reps}: {' '.join(s.name for s in order)}")
             for sut in order:
+                if not any(runs(sut, scn) for scn in timed):
+                    continue
                 sut.start()
                 try:
                     for scn in timed:
+                        if not runs(sut, scn):
+                            continue
                         m = one(scn, sut)
                         row.setdefault(scn, {})[sut.name] = m
                         if m.get("errors") or m.get("retransmits", 0) < 0:
@@ -614,7 +654,7 @@ def main():
         if "L7" in scenarios:
             for count in l7_counts:
                 for sut in suts:
-                    if sut.name in ("nomesh", "ruler"):
+                    if sut.name in ("nomesh", "ruler") or not runs(sut, "L7"):
                         continue  # no long-lived proxy process to measure
                     sut.start()
                     try:
@@ -649,7 +689,7 @@ def main():
         f"{', '.join(f'{x:.0%}' for x in spreads) or 'n/a'}",
         "warm-up: one untimed pass per SUT and scenario; iperf3 -O 2 drops the first 2 s",
         f"cipher/KX/certs: {result['settings']['cipher']} / X25519 / ECDSA P-256",
-        f"worker threads: {a.workers}; allocator: system; log level: warn",
+        f"worker threads: {a.workers}; allocator: jemalloc (ztunnel's); log level: warn",
         "correctness: iperf3 byte counts from both ends, sockperf completes, every connrate "
         "and L7 connection echoes a byte end to end; errors: "
         f"{len(result['errors'])}",

@@ -124,7 +124,8 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
     let pool = Pool::new(PoolSettings {
         h2,
         connect_timeout: cfg.connect_timeout,
-        ..Default::default()
+        max_streams_per_conn: cfg.pool_max_streams_per_connection,
+        idle_timeout: cfg.pool_unused_release_timeout,
     });
 
     let dedicated = cfg.proxy_mode == ProxyMode::Dedicated;

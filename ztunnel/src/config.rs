@@ -196,6 +196,15 @@ pub struct Args {
     #[arg(long, env = "CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub connect_timeout: Duration,
 
+    /// Streams one pooled HBONE connection carries before another is opened (Istio's name).
+    #[arg(long, env = "POOL_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
+    pub pool_max_streams_per_connection: usize,
+
+    /// How long a pooled HBONE connection with no stream is kept for reuse (Istio's name).
+    /// `0s`: released as soon as its last stream ends, so idle tunnels are never reused.
+    #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
+    pub pool_unused_release_timeout: Duration,
+
     /// Data-plane worker threads.
     #[arg(long, env = "WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
@@ -273,6 +282,9 @@ pub struct Config {
     pub drain_deadline: Duration,
     #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
+    pub pool_max_streams_per_connection: usize,
+    #[serde(serialize_with = "ser_duration")]
+    pub pool_unused_release_timeout: Duration,
     pub worker_threads: usize,
     pub log_level: String,
     pub log_format: LogFormat,
@@ -327,6 +339,8 @@ impl Args {
             preserve_source_ip,
             drain_deadline,
             connect_timeout,
+            pool_max_streams_per_connection,
+            pool_unused_release_timeout,
             worker_threads,
             log_level,
             log_format,
@@ -432,6 +446,9 @@ impl Args {
         if connect_timeout.is_zero() {
             errs.push("CONNECT_TIMEOUT must be positive".to_owned());
         }
+        if pool_max_streams_per_connection == 0 {
+            errs.push("POOL_MAX_STREAMS_PER_CONNECTION must be at least 1".to_owned());
+        }
         if log_level.trim().is_empty() {
             errs.push("RUST_LOG is empty (use e.g. info)".to_owned());
         }
@@ -479,6 +496,8 @@ impl Args {
             preserve_source_ip,
             drain_deadline,
             connect_timeout,
+            pool_max_streams_per_connection,
+            pool_unused_release_timeout,
             worker_threads,
             log_level,
             log_format,
@@ -551,12 +570,21 @@ mod tests {
 
     #[test]
     fn all_problems_are_reported_at_once() {
-        let err = args(&["--trust-domain", "Bad_TD!", "--worker-threads", "0"]).unwrap_err();
+        let err = args(&[
+            "--trust-domain",
+            "Bad_TD!",
+            "--worker-threads",
+            "0",
+            "--pool-max-streams-per-connection",
+            "0",
+        ])
+        .unwrap_err();
         for want in [
             "LOCAL_XDS_PATH",
             "LOCAL_CA_DIR",
             "trust domain",
             "WORKER_THREADS",
+            "POOL_MAX_STREAMS_PER_CONNECTION",
         ] {
             assert!(err.contains(want), "missing {want} in {err}");
         }

@@ -10,8 +10,10 @@
 //!   then share its result), and a connection takes at most `max_streams_per_conn` streams
 //!   before the next one is opened;
 //! - a connection whose driver ended is never handed out again; one idle past
-//!   `idle_timeout` is closed by the reaper; one whose peer stops answering PINGs is closed
-//!   by the keepalive;
+//!   `idle_timeout` is closed by the reaper; with `idle_timeout` zero (Istio's
+//!   `POOL_UNUSED_RELEASE_TIMEOUT=0`) a connection that has no stream left is released at
+//!   once and never reused, so every tunnel that finds no busy connection does its own
+//!   handshake; one whose peer stops answering PINGs is closed by the keepalive;
 //! - a stream refused before the peer processed it (GOAWAY racing our checkout, or
 //!   REFUSED_STREAM) is retried once on a fresh connection, so a peer's graceful restart
 //!   is invisible to callers;
@@ -251,7 +253,13 @@ impl Pool {
             slots.entry(key.clone()).or_default().clone()
         };
         let mut conns = slot.lock().await;
-        conns.retain(|c| !c.shared.closed.load(Ordering::Acquire));
+        let reuse_idle = !self.inner.settings.idle_timeout.is_zero();
+        // Streams are only ever added under this lock, so a connection seen here with none
+        // cannot gain one behind our back: dropping our handle lets h2 close it.
+        conns.retain(|c| {
+            !c.shared.closed.load(Ordering::Acquire)
+                && (reuse_idle || c.shared.streams.load(Ordering::Acquire) > 0)
+        });
         let max = self.inner.settings.max_streams_per_conn;
         for c in conns.iter() {
             // The peer's SETTINGS_MAX_CONCURRENT_STREAMS caps what we configured.

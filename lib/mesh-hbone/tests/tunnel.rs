@@ -224,6 +224,33 @@ async fn idle_connections_are_reaped() {
     assert_eq!(pool.connections_opened(), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_zero_release_timeout_an_unused_connection_is_never_reused() {
+    let f = fixture().await;
+    let unpooled = Pool::new(PoolSettings {
+        idle_timeout: Duration::ZERO,
+        ..Default::default()
+    });
+    let pooled = Pool::new(PoolSettings::default());
+    for pool in [&unpooled, &pooled] {
+        let t = open(&f, pool, f.echo).await.unwrap();
+        assert_eq!(echo_through(t, b"one".to_vec()).await, b"one");
+        let t = open(&f, pool, f.echo).await.unwrap();
+        assert_eq!(echo_through(t, b"two".to_vec()).await, b"two");
+    }
+    assert_eq!(
+        unpooled.connections_opened(),
+        2,
+        "a new handshake per idle checkout"
+    );
+    assert_eq!(pooled.connections_opened(), 1);
+    // Busy connections are still shared: two tunnels open at once need one handshake.
+    let a = open(&f, &unpooled, f.echo).await.unwrap();
+    let b = open(&f, &unpooled, f.echo).await.unwrap();
+    assert_eq!(unpooled.connections_opened(), 3);
+    drop((a, b));
+}
+
 /// A TCP proxy to `to` that silently drops every byte while `blackhole` is set (a peer that
 /// vanished without a FIN or RST).
 async fn blackhole_proxy(to: SocketAddr, blackhole: Arc<AtomicBool>) -> SocketAddr {
