@@ -78,7 +78,7 @@ async fn hbone(mib: usize) -> anyhow::Result<serde_json::Value> {
     )?));
     tokio::spawn(async move {
         if let Ok((tcp, _)) = hb.accept().await
-            && let Ok(tls) = acceptor.accept(tcp).await
+            && let Ok(tls) = acceptor.accept(mesh_hbone::buffered(tcp)).await
         {
             let _ = mesh_hbone::serve_connection(
                 tls,
