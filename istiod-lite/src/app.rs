@@ -2,8 +2,9 @@
 //! TLS) and the monitor port, and return a [`Bound`] control plane; [`Bound::run`] waits for
 //! SIGTERM and drains.
 //!
-//! Data flow: source → `watch<Arc<Index>>` → translator task → `watch<Arc<Snapshot>>` → one
-//! task per xDS stream. The CA reads the index directly (the node rule needs pods).
+//! Data flow: source → `watch<Arc<Index>>` → translator task (incremental [`Translator`] and
+//! [`Encoder`]; a snapshot with its change set, only when something changed) →
+//! `watch<Arc<Snapshot>>` → one task per xDS stream. The CA reads the index directly (the node rule needs pods).
 //!
 //! Readiness: [`build`] starts the source and waits until it has published a complete index
 //! (the manifests read; with Kubernetes, every watcher's initial list) before binding any

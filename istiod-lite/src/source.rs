@@ -4,8 +4,10 @@
 //! return), then after every change. Two sources implement it:
 //!
 //! - [`ManifestDir`]: a directory of Kubernetes manifests, read as `kubectl apply -f DIR`
-//!   would read it (every `*.yaml`/`*.yml`, multi-document), re-read whenever a file in it
-//!   changes;
+//!   would read it (every `*.yaml`/`*.yml`, multi-document). Polled: only files whose
+//!   modification time, size or inode changed are parsed again, and only the objects they
+//!   held or hold are applied again ([`DirState`]), giving exactly the index a full read
+//!   would; the new index is published without copying the old one;
 //! - [`crate::k8s::Kubernetes`]: kube-rs watches on a real API server.
 //!
 //! Bad input never stops the rest: a document that is not YAML, not a Kubernetes object, or
@@ -15,7 +17,7 @@
 //! AuthorizationPolicy are also kept verbatim for waypoints ([`crate::index::KubeObject`]).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -90,12 +92,22 @@ fn file_stamp(m: &std::fs::Metadata) -> Stamp {
     (m.modified().ok(), m.len(), m.ino())
 }
 
-/// One manifest file as last read: its objects (with kind and key) and rejections.
-#[derive(Debug, Default)]
+/// One manifest file as last read: the kinds and keys of its objects, and its rejections.
+/// The objects themselves live in the index only (they are read again in the rare case
+/// that another file's change needs them).
+#[derive(Debug)]
 struct Parsed {
-    stamp: Option<Stamp>,
-    objects: Vec<(&'static str, String, Object)>,
+    stamp: Stamp,
+    keys: Vec<(&'static str, String)>,
     rejected: Vec<String>,
+}
+
+/// What a read found changed: the kinds and keys to apply again, and the objects of every
+/// file that holds one of them, by path (so in the order files are applied).
+#[derive(Debug)]
+struct Pending {
+    affected: Affected,
+    objects: BTreeMap<PathBuf, Vec<Object>>,
 }
 
 /// The directory as last read, file by file, and the index built from it. A refresh parses
@@ -105,26 +117,31 @@ struct Parsed {
 /// changed.
 #[derive(Debug, Default)]
 pub struct DirState {
-    files: std::collections::BTreeMap<PathBuf, Parsed>,
+    files: BTreeMap<PathBuf, Parsed>,
     pub index: Index,
+}
+
+fn read_file(p: &Path) -> Result<(Vec<Object>, Vec<String>), std::io::Error> {
+    let text = std::fs::read_to_string(p)?;
+    Ok(parse_manifests(&p.display().to_string(), &text))
 }
 
 impl DirState {
     /// Re-reads what changed in `dir`; returns whether anything did. On an I/O error nothing
     /// is changed.
     pub fn refresh(&mut self, dir: &Path) -> Result<bool, std::io::Error> {
-        let Some(affected) = self.read(dir)? else {
+        let Some(pending) = self.read(dir)? else {
             return Ok(false);
         };
         let mut index = std::mem::take(&mut self.index);
-        self.reapply(&mut index, &affected);
+        self.reapply(&mut index, &pending);
         self.index = index;
         Ok(true)
     }
 
-    /// Re-reads the files that changed; returns the kinds and keys they held before or hold
-    /// now, or None if nothing changed.
-    fn read(&mut self, dir: &Path) -> Result<Option<Affected>, std::io::Error> {
+    /// Re-reads the files that changed (and the unchanged ones that hold one of their kinds
+    /// and keys); None if nothing changed. On an I/O error nothing is changed.
+    fn read(&mut self, dir: &Path) -> Result<Option<Pending>, std::io::Error> {
         let mut listed: Vec<(PathBuf, Stamp)> = Vec::new();
         for e in std::fs::read_dir(dir)? {
             let p = e?.path();
@@ -134,25 +151,13 @@ impl DirState {
             let m = std::fs::metadata(&p)?;
             listed.push((p, file_stamp(&m)));
         }
-        let mut fresh: Vec<(PathBuf, Parsed)> = Vec::new();
+        let mut fresh: Vec<(PathBuf, Stamp, Vec<Object>, Vec<String>)> = Vec::new();
         for (p, st) in &listed {
-            if self.files.get(p).and_then(|f| f.stamp) == Some(*st) {
+            if self.files.get(p).map(|f| f.stamp) == Some(*st) {
                 continue;
             }
-            let text = std::fs::read_to_string(p)?;
-            let (objects, rejected) = parse_manifests(&p.display().to_string(), &text);
-            let objects = objects
-                .into_iter()
-                .map(|o| (o.kind(), o.key(), o))
-                .collect();
-            fresh.push((
-                p.clone(),
-                Parsed {
-                    stamp: Some(*st),
-                    objects,
-                    rejected,
-                },
-            ));
+            let (objects, rejected) = read_file(p)?;
+            fresh.push((p.clone(), *st, objects, rejected));
         }
         let gone: Vec<PathBuf> = self
             .files
@@ -164,34 +169,53 @@ impl DirState {
             return Ok(None);
         }
         let mut affected = Affected::new();
-        for p in fresh.iter().map(|(p, _)| p).chain(&gone) {
-            if let Some(old) = self.files.remove(p) {
-                for (k, key, _) in old.objects {
-                    affected.entry(k).or_default().insert(key);
-                }
-            }
-        }
-        for (p, parsed) in fresh {
-            for (k, key, _) in &parsed.objects {
+        let changed: HashSet<&PathBuf> = fresh.iter().map(|f| &f.0).chain(&gone).collect();
+        for p in &changed {
+            for (k, key) in self.files.get(*p).iter().flat_map(|f| &f.keys) {
                 affected.entry(k).or_default().insert(key.clone());
             }
-            self.files.insert(p, parsed);
         }
-        Ok(Some(affected))
+        for o in fresh.iter().flat_map(|f| &f.2) {
+            affected.entry(o.kind()).or_default().insert(o.key());
+        }
+        // The same object in an unchanged file too: read it again, to apply in file order.
+        let mut objects = BTreeMap::new();
+        for (p, f) in &self.files {
+            let holds =
+                |(k, key): &(&str, String)| affected.get(k).is_some_and(|s| s.contains(key));
+            if !changed.contains(p) && f.keys.iter().any(holds) {
+                objects.insert(p.clone(), read_file(p)?.0);
+            }
+        }
+        for p in &gone {
+            self.files.remove(p);
+        }
+        for (p, stamp, objs, rejected) in fresh {
+            let keys = objs.iter().map(|o| (o.kind(), o.key())).collect();
+            self.files.insert(
+                p.clone(),
+                Parsed {
+                    stamp,
+                    keys,
+                    rejected,
+                },
+            );
+            objects.insert(p, objs);
+        }
+        Ok(Some(Pending { affected, objects }))
     }
 
     /// Brings `index` (as of before the last read) up to date with the files.
-    fn reapply(&self, index: &mut Index, affected: &Affected) {
+    fn reapply(&self, index: &mut Index, pending: &Pending) {
+        let affected = &pending.affected;
         for (kind, keys) in affected {
             for key in keys {
                 index.delete(kind, key);
             }
         }
-        for f in self.files.values() {
-            for (kind, key, o) in &f.objects {
-                if affected.get(kind).is_some_and(|k| k.contains(key)) {
-                    index.apply(o.clone());
-                }
+        for o in pending.objects.values().flatten() {
+            if affected.get(o.kind()).is_some_and(|k| k.contains(&o.key())) {
+                index.apply(o.clone());
             }
         }
         index.rejected = self
@@ -210,16 +234,16 @@ impl DirState {
         dir: &Path,
         out: &watch::Sender<Arc<Index>>,
     ) -> Result<bool, std::io::Error> {
-        let Some(affected) = self.read(dir)? else {
+        let Some(pending) = self.read(dir)? else {
             return Ok(false);
         };
         let mut index = std::mem::take(&mut self.index);
-        self.reapply(&mut index, &affected);
+        self.reapply(&mut index, &pending);
         let published = Arc::new(index);
         let previous = out.send_replace(published.clone());
         self.index = match Arc::try_unwrap(previous) {
             Ok(mut old) => {
-                self.reapply(&mut old, &affected);
+                self.reapply(&mut old, &pending);
                 old
             }
             Err(_) => (*published).clone(),

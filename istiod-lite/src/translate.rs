@@ -13,6 +13,9 @@
 //!   attach to it;
 //! - Services and Pods bound to a waypoint (`istio.io/use-waypoint`, see [`waypoint`]) carry
 //!   its address; refused bindings become notes naming the reason.
+//!
+//! [`Translator`] gives the same result index after index, translating again only the pods
+//! that changed as long as namespaces, Services, policies and Gateways did not.
 
 use std::{collections::BTreeMap, sync::Arc};
 

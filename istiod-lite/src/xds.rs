@@ -5,10 +5,15 @@
 //! filtering yet).
 //!
 //! Every translation is published as an immutable [`Snapshot`] (type → name → encoded
-//! resource and its version, a hash of the bytes). Each stream keeps what its client holds
-//! and, whenever a snapshot or a subscription arrives, sends per type only what differs:
-//! changed resources, and the names of removed ones. A reconnecting client's
-//! `initial_resource_versions` seed that view, so anything deleted while it was away is
+//! resource and its version, a hash of the bytes) with its [`Lineage`]: a generation and the
+//! names changed and removed since the snapshot before, computed once ([`Snapshot::successor`]).
+//! [`Encoder`] re-encodes only what the translation changed. Each stream keeps what its
+//! client holds ([`Held`]: the snapshot it is in sync with, or what it announced) and,
+//! whenever a snapshot or a subscription arrives, sends per type only what differs: changed
+//! resources, and the names of removed ones. A client in sync with the previous snapshot
+//! gets the change set as it is, so one change costs each stream O(changes), not O(cluster);
+//! one that skipped snapshots is compared snapshot to snapshot. A reconnecting client's
+//! `initial_resource_versions` seed its view, so anything deleted while it was away is
 //! removed. The first request of a type is always answered, even with nothing, so the
 //! client knows it is in sync. NACKs are logged with the client's node id and kept in
 //! [`Stats`]; the resource stays as sent (istiod does the same).
@@ -123,44 +128,6 @@ fn compare(
 }
 
 impl Snapshot {
-    /// Encodes translated resources; names follow Istio (workload uid, `ns/hostname`,
-    /// `ns/name`). Not yet published: see [`Snapshot::successor`].
-    pub fn from_resources(r: &crate::translate::Resources) -> Snapshot {
-        let mut addrs = BTreeMap::new();
-        for w in &r.workloads {
-            let a = convert::address_to_proto(&convert::AddressResource::Workload((**w).clone()));
-            addrs.insert(w.uid.clone(), encoded(&a));
-        }
-        for s in &r.services {
-            let a = convert::address_to_proto(&convert::AddressResource::Service(s.clone()));
-            addrs.insert(s.key().to_string(), encoded(&a));
-        }
-        let mut authz = BTreeMap::new();
-        for p in &r.authorizations {
-            authz.insert(p.key(), encoded(&convert::authorization_to_proto(p)));
-        }
-        Snapshot(
-            BTreeMap::from([
-                (type_url::ADDRESS.to_owned(), addrs),
-                (type_url::AUTHORIZATION.to_owned(), authz),
-            ]),
-            Lineage::default(),
-        )
-    }
-
-    /// Adds the objects sent verbatim to waypoints.
-    pub fn with_kube_objects<'a>(
-        mut self,
-        objects: impl IntoIterator<Item = &'a KubeObject>,
-    ) -> Snapshot {
-        let m = objects
-            .into_iter()
-            .map(|o| (o.resource_name(), encoded(&kube_object(o))))
-            .collect();
-        self.0.insert(type_url::KUBE_OBJECT.to_owned(), m);
-        self
-    }
-
     /// The snapshot to publish after `self` with `next`'s resources: a new generation and
     /// the change set against `self`, computed once for every client. None when nothing
     /// differs.
@@ -219,8 +186,8 @@ fn cached<T: Clone>(
 }
 
 impl Encoder {
-    /// The resources for `r` and `objects`, as [`Snapshot::from_resources`] and
-    /// [`Snapshot::with_kube_objects`] encode them.
+    /// The resources for `r` and `objects`; names follow Istio (workload uid,
+    /// `ns/hostname`, `ns/name`) and objects are `<kind>/<namespace>/<name>`.
     pub fn encode<'a>(
         &mut self,
         r: &crate::translate::Resources,
@@ -717,5 +684,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_encoder_reuses_unchanged_bytes_and_the_change_set_names_only_the_change() {
+        let w = |ip: &str| {
+            Arc::new(Workload {
+                uid: "c//Pod/ns/p".into(),
+                name: "p".into(),
+                workload_ips: vec![ip.parse().unwrap()],
+                ..Default::default()
+            })
+        };
+        let other = Arc::new(Workload {
+            uid: "c//Pod/ns/q".into(),
+            ..Default::default()
+        });
+        let r = |w: Arc<Workload>| crate::translate::Resources {
+            workloads: vec![w, other.clone()],
+            ..Default::default()
+        };
+        let mut enc = Encoder::default();
+        let s1 = Arc::new(
+            Snapshot::default()
+                .successor(enc.encode(&r(w("10.0.0.1")), []))
+                .unwrap(),
+        );
+        // Equal (not the same Arc): the same bytes, nothing to publish.
+        assert!(s1.successor(enc.encode(&r(w("10.0.0.1")), [])).is_none());
+        let s2 = s1.successor(enc.encode(&r(w("10.0.0.2")), [])).unwrap();
+        let a = |s: &Snapshot, n: &str| s.0[type_url::ADDRESS][n].bytes.clone();
+        assert!(Arc::ptr_eq(&a(&s1, "c//Pod/ns/q"), &a(&s2, "c//Pod/ns/q")));
+        assert_eq!(
+            s2.1.changes[type_url::ADDRESS],
+            TypeChanges {
+                changed: vec!["c//Pod/ns/p".into()],
+                removed: vec![]
+            }
+        );
+        assert_eq!(s2.1.changes.len(), 1, "{:?}", s2.1.changes);
     }
 }
