@@ -10,7 +10,7 @@
 //!   objects in it; [`xds`] — the same from the control plane (delta ADS);
 //! - [`route`] — HTTPRoute/GRPCRoute compilation and matching (pure);
 //! - [`listener`] — the HBONE server and per-stream protocol choice (HTTP or opaque TCP);
-//! - [`proxy`] — the request phases;
+//! - [`proxy`] — the request phases; [`grpc`] — gRPC requests and gRPC-shaped local replies;
 //! - [`upstream`] — endpoint choice and HTTP over HBONE to the endpoint;
 //! - [`ratelimit`] — token buckets; [`metrics`] — Istio metrics and the access log;
 //! - [`io`] — byte-stream views of HBONE streams; [`admin`], [`app`] — lifecycle.
@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod grpc;
 pub mod io;
 pub mod listener;
 pub mod metrics;

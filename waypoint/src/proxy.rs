@@ -16,7 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use mesh_core::{Identity, workload::Service};
@@ -76,6 +76,9 @@ struct Outcome {
     resp: Response<Body>,
     flag: &'static str,
     reason: Option<String>,
+    /// Set for replies the waypoint made itself (their text body), so a gRPC caller can get
+    /// them as a gRPC status instead ([`grpc_local_reply`]).
+    local: Option<&'static str>,
 }
 
 pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -97,6 +100,7 @@ fn local(status: StatusCode, body: &'static str, flag: &'static str, reason: Str
         resp: text(status, body),
         flag,
         reason: Some(reason),
+        local: Some(body),
     }
 }
 
@@ -211,7 +215,8 @@ impl Proxy {
             response_bytes: 0,
             traceparent: String::new(),
         };
-        rec.labels.request_protocol = if is_grpc(req.headers()) {
+        let grpc = crate::grpc::is_grpc(req.headers());
+        rec.labels.request_protocol = if grpc {
             "grpc"
         } else if req.version() == http::Version::HTTP_2 {
             "http2"
@@ -238,7 +243,11 @@ impl Proxy {
             mut resp,
             flag,
             reason,
+            local,
         } = out;
+        if grpc && let Some(message) = local {
+            crate::grpc::local_reply(&mut resp, message);
+        }
         rec.labels.response_code = resp.status().as_u16();
         rec.labels.response_flags = flag;
         rec.reason = reason;
@@ -319,6 +328,7 @@ impl Proxy {
                         resp,
                         flag: "UAEX",
                         reason: Some(format!("JWT rejected: {body}")),
+                        local: Some(body),
                     };
                 }
             }
@@ -456,6 +466,7 @@ impl Proxy {
                     resp: text(status, "fault filter abort"),
                     flag: "FI",
                     reason: Some("fault injection".into()),
+                    local: Some("fault filter abort"),
                 };
             }
             if let Some(rd) = &e.rule().redirect {
@@ -672,6 +683,7 @@ impl Proxy {
                                 .map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
                             flag: "-",
                             reason: None,
+                            local: None,
                         };
                         if retry_it && attempt < retry.retries && body.replayable() {
                             debug!(status, attempt, "retrying");
@@ -768,6 +780,7 @@ impl Proxy {
                 resp: resp.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
                 flag: "-",
                 reason: None,
+                local: None,
             },
             Err(e) => local(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -828,12 +841,6 @@ impl Proxy {
             }
         });
     }
-}
-
-fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 fn outlier_for(snap: &Snapshot, svc: &Service) -> Option<crate::upstream::OutlierPolicy> {
@@ -931,5 +938,6 @@ fn redirect(
         resp,
         flag: "-",
         reason: Some("RequestRedirect".into()),
+        local: None,
     }
 }

@@ -142,6 +142,23 @@ async fn app(ip: IpAddr, name: &str, hits: Hits) -> SocketAddr {
     addr
 }
 
+/// A real gRPC server on `ip`: tonic's `grpc.health.v1.Health`, with service `echo.Echo`
+/// SERVING. The reporter flips statuses (streamed to `Watch` callers).
+async fn grpc_app(ip: IpAddr) -> (SocketAddr, tonic_health::server::HealthReporter) {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("echo.Echo", tonic_health::ServingStatus::Serving)
+        .await;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    (addr, reporter)
+}
+
 // ------------------------------------------------------------------ the lab
 
 struct Lab {
@@ -151,15 +168,16 @@ struct Lab {
     _b: ztunnel::app::Bound,
     wp: waypoint::app::Bound,
     hits: Hits,
+    health: tonic_health::server::HealthReporter,
 }
 
 fn ip(net: u8, host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, net, 0, host))
 }
 
-fn mesh_yaml(net: u8, ports: &[u16; 4]) -> String {
+fn mesh_yaml(net: u8, ports: &[u16; 5]) -> String {
     let (c, s, w) = (ip(net, 2), ip(net, 3), ip(net, 5));
-    let [p1, p2, p3, p4] = ports;
+    let [p1, p2, p3, p4, p5] = ports;
     let svc = |name: &str, vip: u8, sport: u16, tport: u16| {
         format!(
             "- name: {name}\n  namespace: foo\n  hostname: {name}.foo.svc.cluster.local\n  vips: [/{}]\n  ports: {{{sport}: {tport}}}\n  waypoint: {{destination: {{Address: /{w}}}, hboneMtlsPort: 15008}}\n",
@@ -187,6 +205,7 @@ fn mesh_yaml(net: u8, ports: &[u16; 4]) -> String {
     foo/echo-v2.foo.svc.cluster.local: {{80: {p2}}}
     foo/mirror.foo.svc.cluster.local: {{80: {p3}}}
     foo/tcp-echo.foo.svc.cluster.local: {{9000: {p4}}}
+    foo/grpc.foo.svc.cluster.local: {{50051: {p5}}}
 - uid: foo/waypoint
   name: waypoint
   namespace: foo
@@ -195,11 +214,12 @@ fn mesh_yaml(net: u8, ports: &[u16; 4]) -> String {
   protocol: HBONE
   node: node-w
 services:
-{}{}{}{}"#,
+{}{}{}{}{}"#,
         svc("echo", 100, 80, *p1),
         svc("echo-v2", 101, 80, *p2),
         svc("mirror", 102, 80, *p3),
         svc("tcp-echo", 103, 9000, *p4),
+        svc("grpc", 104, 50051, *p5),
     )
 }
 
@@ -212,6 +232,10 @@ const SERVICE_OBJECTS: &str = r#"
   kind: Service
   metadata: {name: tcp-echo, namespace: foo}
   spec: {ports: [{name: tcp-echo, port: 9000}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: grpc, namespace: foo}
+  spec: {ports: [{name: grpc, port: 50051}]}
 "#;
 
 impl Lab {
@@ -237,7 +261,8 @@ impl Lab {
         let p2 = app(s, "echo-v2", hits.clone()).await.port();
         let p3 = app(s, "mirror", hits.clone()).await.port();
         let p4 = mesh_test::echo(s).await.port();
-        let mesh = mesh_yaml(net, &[p1, p2, p3, p4]);
+        let (grpc, health) = grpc_app(s).await;
+        let mesh = mesh_yaml(net, &[p1, p2, p3, p4, grpc.port()]);
         let zpath = dir.path().join("mesh.yaml");
         std::fs::write(&zpath, &mesh).unwrap();
         let wpath = dir.path().join("waypoint.yaml");
@@ -331,6 +356,7 @@ impl Lab {
             _b: b,
             wp,
             hits,
+            health,
         }
     }
 
@@ -613,6 +639,81 @@ async fn h2_passes_and_grpc_trailers_arrive() {
     let resp = c.send_request(req).await.unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.headers()["x-backend"], "echo");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_grpc_service_answers_unary_errors_and_streams() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    // L7 policy applies to gRPC calls like any request: a DENY on a metadata header.
+    let lab = Lab::new(
+        76,
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: no-blocked, namespace: foo}
+  spec:
+    targetRefs: [{kind: Service, group: "", name: grpc}]
+    action: DENY
+    rules:
+    - to: [{operation: {paths: [/grpc.health.v1.Health/Check]}}]
+      when: [{key: "request.headers[x-block]", values: ["yes"]}]
+"#,
+    )
+    .await;
+    let (socks, src, dst) = (
+        lab.a.addresses.socks5.unwrap(),
+        ip(lab.net, 2),
+        lab.vip(104, 50051),
+    );
+    // tonic's own client (h2, grpc-timeout, trailers), dialling through ztunnel A.
+    let channel =
+        tonic::transport::Endpoint::from_static("http://grpc.foo.svc.cluster.local:50051")
+            .connect_with_connector(tower::service_fn(move |_| async move {
+                mesh_test::socks_connect(socks, src, dst)
+                    .await
+                    .map(TokioIo::new)
+            }))
+            .await
+            .unwrap();
+    let mut client = HealthClient::new(channel);
+    let req = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let ok = client.check(req("echo.Echo")).await.unwrap().into_inner();
+    assert_eq!(ok.status, ServingStatus::Serving as i32);
+    // An error is a trailers-only response (grpc-status in the headers): it must arrive as
+    // the server's status, not as a proxy error.
+    let err = client.check(req("no.Such")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    // Server streaming: the first message, then one pushed later by the server.
+    let mut watch = client.watch(req("echo.Echo")).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    lab.health
+        .set_service_status("echo.Echo", tonic_health::ServingStatus::NotServing)
+        .await;
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("no streamed update")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    // The denied call is answered as gRPC, as Envoy's waypoint does: a trailers-only
+    // response with PERMISSION_DENIED and the RBAC text (not an HTTP 403 with a text body,
+    // which a gRPC client reads as a malformed message).
+    let mut blocked = tonic::Request::new(req("echo.Echo"));
+    blocked.metadata_mut().insert(
+        "x-block",
+        tonic::metadata::MetadataValue::from_static("yes"),
+    );
+    let denied = client.check(blocked).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert_eq!(denied.message(), "RBAC: access denied");
+    // ... and the channel is still good for the next call.
+    let again = client.check(req("echo.Echo")).await.unwrap().into_inner();
+    assert_eq!(again.status, ServingStatus::NotServing as i32);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
