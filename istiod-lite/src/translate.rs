@@ -487,13 +487,16 @@ impl Translator {
         let (_, b) = self
             .last
             .get_or_insert_with(|| (Context::of(idx), base(idx, s)));
-        self.pods.retain(|k, _| idx.pods.contains_key(k));
         for (k, pod) in &idx.pods {
             if self.pods.get(k).is_some_and(|(p, _)| p == pod) {
                 continue;
             }
             self.pods
                 .insert(k.clone(), (pod.clone(), pod_workload(idx, s, b, pod)));
+        }
+        // Every pod of `idx` is in: the same length means no other is.
+        if self.pods.len() != idx.pods.len() {
+            self.pods.retain(|k, _| idx.pods.contains_key(k));
         }
         assemble(b, self.pods.values().map(|(_, o)| o))
     }

@@ -103,27 +103,45 @@ fn encoded(msg: &impl Message) -> Encoded {
     }
 }
 
-/// What differs between `old` and `new` (one type; either may be absent).
+/// What differs between `old` and `new` (one type; either may be absent): one walk over
+/// both in name order.
 fn compare(
     old: Option<&BTreeMap<String, Encoded>>,
     new: Option<&BTreeMap<String, Encoded>>,
 ) -> TypeChanges {
     let empty = BTreeMap::new();
     let (old, new) = (old.unwrap_or(&empty), new.unwrap_or(&empty));
-    TypeChanges {
-        changed: new
-            .iter()
-            .filter(|(n, e)| {
-                !old.get(*n)
-                    .is_some_and(|o| Arc::ptr_eq(&o.bytes, &e.bytes) || o.version == e.version)
-            })
-            .map(|(n, _)| n.clone())
-            .collect(),
-        removed: old
-            .keys()
-            .filter(|n| !new.contains_key(*n))
-            .cloned()
-            .collect(),
+    let mut out = TypeChanges::default();
+    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (o.peek(), n.peek()) {
+            (None, None) => return out,
+            (Some((on, _)), None) => {
+                out.removed.push((*on).clone());
+                o.next();
+            }
+            (None, Some((nn, _))) => {
+                out.changed.push((*nn).clone());
+                n.next();
+            }
+            (Some((on, oe)), Some((nn, ne))) => match on.cmp(nn) {
+                std::cmp::Ordering::Less => {
+                    out.removed.push((*on).clone());
+                    o.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.changed.push((*nn).clone());
+                    n.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !(Arc::ptr_eq(&oe.bytes, &ne.bytes) || oe.version == ne.version) {
+                        out.changed.push((*nn).clone());
+                    }
+                    o.next();
+                    n.next();
+                }
+            },
+        }
     }
 }
 
