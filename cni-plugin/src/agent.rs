@@ -153,6 +153,9 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// How long an ADD waits for the pod source to show a pod the plugin already saw.
+const SOURCE_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs blocking rule work off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
     tokio::task::spawn_blocking(f)
@@ -251,7 +254,18 @@ impl Agent {
             pod: key.clone(),
             reason,
         };
-        let state = self.state.borrow().clone();
+        // The plugin may have seen the pod (it reads the source directly) a moment before
+        // the agent's snapshot has it; wait briefly for it rather than enrolling on a guess
+        // (no labels, service account "default").
+        let mut rx = self.state.clone();
+        if rx.borrow().pod(namespace, name).is_none() {
+            let _ = tokio::time::timeout(
+                SOURCE_CATCH_UP,
+                rx.wait_for(|s| s.pod(namespace, name).is_some()),
+            )
+            .await;
+        }
+        let state = rx.borrow().clone();
         // The agent's own view decides when it knows the pod (the plugin may have read the
         // labels just before they changed); a pod it does not know yet is taken on the
         // plugin's word and reconciled later.
@@ -455,6 +469,9 @@ impl Agent {
                 let mut reg = self.registry.lock();
                 reg.get_mut(&pod.uid).map(|e| {
                     e.seen_in_source = true;
+                    // A pod enrolled on the plugin's word gets the source's facts (service
+                    // account, labels) for the next ZDS snapshot.
+                    e.pod = (*pod).clone();
                     (e.phase, e.netns.clone(), e.ips.clone())
                 })
             };
