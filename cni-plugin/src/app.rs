@@ -81,14 +81,13 @@ pub async fn start(
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
+            let mut source_alive = true;
             loop {
                 tokio::select! {
-                    r = changes.changed() => if r.is_err() {
+                    r = changes.changed(), if source_alive => if r.is_err() {
                         warn!("the pod source stopped; reconciling on the resync interval only");
-                        loop {
-                            tick.tick().await;
-                            a.reconcile().await;
-                        }
+                        source_alive = false;
+                        continue;
                     },
                     _ = tick.tick() => {}
                 }

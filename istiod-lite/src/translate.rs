@@ -454,8 +454,7 @@ struct Context {
     services: BTreeMap<String, K8sService>,
     authorization_policies: BTreeMap<String, mesh_policy::model::AuthorizationPolicy>,
     peer_authentications: BTreeMap<String, mesh_policy::model::PeerAuthentication>,
-    /// Gateways have no PartialEq; there are few of them.
-    gateways: String,
+    gateways: BTreeMap<String, crate::waypoint::Gateway>,
 }
 
 impl Context {
@@ -464,7 +463,7 @@ impl Context {
             && self.services == idx.services
             && self.authorization_policies == idx.authorization_policies
             && self.peer_authentications == idx.peer_authentications
-            && self.gateways == format!("{:?}", idx.gateways)
+            && self.gateways == idx.gateways
     }
 
     fn of(idx: &Index) -> Context {
@@ -473,7 +472,7 @@ impl Context {
             services: idx.services.clone(),
             authorization_policies: idx.authorization_policies.clone(),
             peer_authentications: idx.peer_authentications.clone(),
-            gateways: format!("{:?}", idx.gateways),
+            gateways: idx.gateways.clone(),
         }
     }
 }

@@ -33,7 +33,7 @@ pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// A Gateway API `Gateway`, the fields the mesh reads.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Gateway {
     #[serde(default)]
@@ -44,7 +44,7 @@ pub struct Gateway {
     pub status: Option<GatewayStatus>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewaySpec {
     #[serde(default)]
@@ -56,7 +56,7 @@ pub struct GatewaySpec {
     pub infrastructure: Option<Infrastructure>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Infrastructure {
     #[serde(default)]
@@ -65,7 +65,7 @@ pub struct Infrastructure {
     pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Listener {
     #[serde(default)]
@@ -78,14 +78,14 @@ pub struct Listener {
     pub allowed_routes: Option<AllowedRoutes>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AllowedRoutes {
     #[serde(default)]
     pub namespaces: Option<RouteNamespaces>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteNamespaces {
     /// `Same` (default), `All` or `Selector`.
@@ -95,14 +95,14 @@ pub struct RouteNamespaces {
     pub selector: Option<LabelSelector>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayStatus {
     #[serde(default)]

@@ -204,17 +204,3 @@ impl Relay<'_> {
         }
     }
 }
-
-/// Writes all of `data` to a socket shared with a concurrent reader.
-pub async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        tcp.writable().await?;
-        match tcp.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
