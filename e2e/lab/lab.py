@@ -19,7 +19,6 @@ router has no default route. See docs/lab.md.
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -33,6 +32,9 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.dont_write_bytecode = True
 sys.path.insert(0, HERE)
 import cnirt  # noqa: E402
+import waypoint_scenarios  # noqa: E402
+from labutil import (APP_PORT, TRUST_DOMAIN, VIP, VIP_PORT, LabError, ProcessDied, Steps,  # noqa: E402
+                     bold, check, log, nsx, run, short_access, show_access, wait_for, write_atomic)
 
 BIN = os.path.abspath(os.environ.get("MESH_LAB_BIN", os.path.join(REPO, "target", "release")))
 POINTER_DIR = "/run/mesh-lab"
@@ -40,11 +42,9 @@ POINTER = os.path.join(POINTER_DIR, "current")
 PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 ISTIOD_IP = "10.100.0.1"
-VIP, VIP_PORT, APP_PORT = "10.96.0.20", 8000, 8080
 # The pods' resolv.conf names a cluster DNS address nothing listens on: captured pods are
 # answered by ztunnel's DNS proxy; nothing else resolves (the lab has no way out).
 CLUSTER_DNS = "10.96.0.10"
-TRUST_DOMAIN = "cluster.local"
 MARKER = "LAB-PLAINTEXT-MARKER-7f3a"
 CNI_PLUGINS = ["bridge", "host-local", "loopback", "portmap"]
 # command -> Debian package
@@ -57,28 +57,9 @@ PODS = [  # name, namespace, node, service account, labels, app
     dict(name="legacy", namespace="legacy", node="node1", sa="default", labels={"app": "legacy"}, app="sleep"),
 ]
 NAMESPACES = {"demo": {"istio.io/dataplane-mode": "ambient"}, "legacy": {}}
-# The waypoint's pod, as istiod would deploy it for Gateway demo/waypoint (not captured).
-WAYPOINT_POD = dict(name="waypoint", namespace="demo", node="node2", sa="waypoint",
-                    labels={"gateway.networking.k8s.io/gateway-name": "waypoint", "istio.io/dataplane-mode": "none"},
-                    app="waypoint")
 
 # Namespace-wide (no selector). A selector policy works too: ztunnel authorizes each stream
 # against the workload as it is now (docs/lab.md, "Issue found by the lab").
-# L7, enforced by the waypoint (targetRefs to its Gateway): no one may GET /admin.
-WAYPOINT_POLICY = """apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-admin
-  namespace: demo
-spec:
-  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
-  action: DENY
-  rules:
-  - to:
-    - operation:
-        paths: ["/admin*"]
-"""
-
 POLICY = f"""apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
@@ -93,59 +74,6 @@ spec:
 """
 
 
-class LabError(Exception):
-    pass
-
-
-class ProcessDied(LabError):
-    """A component exited: waiting longer cannot help."""
-
-
-def bold(s):
-    return f"\033[1m{s}\033[0m" if sys.stdout.isatty() else s
-
-
-def log(msg=""):
-    print(msg, flush=True)
-
-
-def run(argv, check=True, timeout=30, input=None, quiet=False):
-    p = subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
-                       text=isinstance(input, str) or input is None)
-    if check and p.returncode != 0:
-        raise LabError(f"`{' '.join(argv)}` failed ({p.returncode}): {(p.stderr or p.stdout).strip()}")
-    return p
-
-
-def nsx(ns, *argv):
-    return ["ip", "netns", "exec", ns, *argv]
-
-
-def wait_for(what, fn, timeout=30.0, every=0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            v = fn()
-            if v:
-                return v
-        except ProcessDied:
-            raise
-        except Exception as e:  # noqa: BLE001 (retrying until the deadline)
-            last = e
-        time.sleep(every)
-    raise LabError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last})" if last else ""))
-
-
-def write_atomic(path, text):
-    d, name = os.path.split(path)
-    tmp = os.path.join(d, f".{name}.lab-tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------
 # Dependencies
 
 
@@ -398,7 +326,7 @@ class Lab:
         tok = secrets.token_hex(24)
         with open(os.open(self.s.path_of("waypoint-token"), os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             f.write(tok)
-        tokens.append(f"- {{token: {tok}, serviceAccount: demo/waypoint, node: {WAYPOINT_POD['node']}}}")
+        tokens.append(f"- {{token: {tok}, serviceAccount: demo/waypoint, node: {waypoint_scenarios.WAYPOINT_POD['node']}}}")
         tf = self.s.path_of("static-tokens.yaml")
         with open(os.open(tf, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             f.write("\n".join(tokens) + "\n")
@@ -718,53 +646,6 @@ def tail(path, n=15):
 # The walkthrough
 
 
-KV = re.compile(r'([\w.]+)=("(?:[^"\\]|\\.)*"|.*?)(?=\s[\w.]+=|$)')
-
-
-def fields(line):
-    return {k: v.strip('"') for k, v in KV.findall(line)}
-
-
-def short_access(line):
-    f = fields(line)
-    keep = ["direction", "src.addr", "src.identity", "dst.addr", "dst.hbone_addr", "dst.service", "dst.identity",
-            "bytes_sent", "bytes_recv", "policy", "reason", "error"]
-    return "  ".join(f"{k}={f[k]}" for k in keep if f.get(k))
-
-
-def show_access(node, line):
-    """An access-log line, its fields on three short lines (the raw line is in the log)."""
-    f = fields(line)
-    src = f.get("src.addr", "").replace("[::ffff:", "").replace("]", "")
-    via = f" via HBONE {f['dst.hbone_addr']}" if f.get("dst.hbone_addr") else ""
-    svc = f" ({f['dst.service']})" if f.get("dst.service") else ""
-    pad = " " * (len(node) + 6)
-    log(f"    {node}: {f.get('direction', '?'):<8} src {src:<18} {f.get('src.identity') or '(no identity: plaintext)'}")
-    log(f"    {pad}       dst {f.get('dst.addr', ''):<18} {f.get('dst.identity', '')}{svc}{via}")
-    if f.get("policy"):
-        log(f"    {pad}       DENIED by policy {f['policy']}: {f.get('reason', '')}")
-    else:
-        log(f"    {pad}       bytes sent {f.get('bytes_sent', '?')} received {f.get('bytes_recv', '?')}"
-            + (f"  error: {f['error']}" if f.get("error") else ""))
-
-
-class Steps:
-    def __init__(self):
-        self.n = 0
-        self.t0 = time.monotonic()
-
-    def __call__(self, title, lines):
-        self.n += 1
-        log()
-        log(bold(f"[{self.n}] {title}") + f"   (+{time.monotonic() - self.t0:.0f}s)")
-        for l in lines:
-            log(f"    {l}")
-
-
-def check(cond, what):
-    if not cond:
-        raise LabError(what)
-    log(f"    ok: {what}")
 
 
 def walkthrough(lab, say):
@@ -862,55 +743,7 @@ def walkthrough(lab, say):
     log(f"    legacy -> {VIP}:{VIP_PORT}: HTTP {code}")
     check(code == 200, "legacy still gets through: the policy names sleep's identity only")
 
-    wid = f"spiffe://{TRUST_DOMAIN}/ns/demo/sa/waypoint"
-    say("Waypoint: Gateway demo/waypoint (class istio-waypoint), its pod on node2, httpbin's Service bound with istio.io/use-waypoint", [
-        "policy-deny-sleep.yaml removed; an L7 policy demo/deny-admin (targetRefs: the Gateway) denies paths /admin*"])
-    os.unlink(s.path_of("manifests", "policy-deny-sleep.yaml"))
-    wp = lab.add_pod(WAYPOINT_POD)
-    wait_for("the waypoint ready (config over xDS and its certificate from istiod-lite)",
-             lambda: lab.check_alive("waypoint") or
-             lab.http(wp["netns"], "http://127.0.0.1:15021/healthz/ready", check=False)[0] == 200, 60)
-    log(f"    waypoint pod {wp['ip']} (not captured: istio.io/dataplane-mode=none), HBONE on :15008, identity {wid}")
-    lab.write_static_manifests(waypoint_ip=wp["ip"])
-    write_atomic(s.path_of("manifests", "policy-deny-admin.yaml"), WAYPOINT_POLICY)
-
-    def via_waypoint():
-        pos = lab.log_size("node1")
-        code, _ = lab.http(sleep["netns"], f"http://{VIP}:{VIP_PORT}/get", check=False)
-        if code != 200:
-            return False
-        time.sleep(0.3)
-        return any(f'dst.hbone_addr="{wp["ip"]}:15008"' in l for l in lab.access_lines("node1", pos))
-    wait_for("sleep's ztunnel to send httpbin's traffic to the waypoint", via_waypoint, 60)
-    pos = {n: lab.log_size(n) for n in ("node1", "node2")}
-    code, body = lab.http(sleep["netns"], f"http://{VIP}:{VIP_PORT}/get")
-    log(f"    sleep -> {VIP}:{VIP_PORT}/get: HTTP {code} {body.strip()}")
-    check(code == 200 and json.loads(body)["client"].startswith(wp["ip"] + ":"),
-          "answered through the waypoint (httpbin sees the waypoint's address)")
-    out = wait_for("node1's line", lambda: [l for l in lab.access_lines("node1", pos["node1"]) if "outbound" in l], 10)
-    show_access("node1", out[0])
-    # The waypoint keeps its upstream connection to httpbin open (pooled), so node2's access
-    # line comes only when it closes; its metrics show the connection now.
-    def last_hop():
-        code, body = lab.http(s.ns("node2"), "http://127.0.0.1:15020/metrics", check=False)
-        return [l for l in body.splitlines() if l.startswith("istio_tcp_connections_opened_total")
-                and f'source_principal="{wid}"' in l and f'destination_principal="{hid}"' in l] if code == 200 else []
-    hop = wait_for("node2's ztunnel to count a connection from the waypoint", last_hop, 10)
-    log("    node2 metrics: " + hop[0][:200])
-    check(bool(hop), "httpbin's ztunnel authenticated the waypoint, not sleep, on the last hop")
-    wlog = lab.proc("waypoint")["log"]
-    wpos = os.path.getsize(wlog)
-    code, body = lab.http(sleep["netns"], f"http://{VIP}:{VIP_PORT}/admin/users", check=False)
-    log(f"    sleep -> {VIP}:{VIP_PORT}/admin/users: HTTP {code} {body.strip()}")
-    check(code == 403 and "RBAC: access denied" in body, "the waypoint denies /admin* with 403 RBAC: access denied")
-
-    def denied_line():
-        with open(wlog, errors="replace") as f:
-            f.seek(wpos)
-            return [l for l in f if "deny-admin" in l]
-    line = wait_for("the waypoint's access line naming the policy", denied_line, 10)
-    log("    waypoint: " + line[0].strip()[line[0].find("access"):][:240])
-    check(sid in line[0], "the waypoint's access log names demo/deny-admin and sleep's identity")
+    waypoint_scenarios.run_all(lab, say, sid, hid)
 
 
 def print_explore(lab):
