@@ -368,8 +368,9 @@ def retries(c, say):
     pos = c.wpos()
     key = f"/flaky/1/r{os.getpid()}"
     r = c.curl(key)
-    check(r.code == 200 and r.json().get("try") == 2, "the client got 200 from the second try")
-    check(c.hits("httpbin", f"GET {key}") == 2, "httpbin saw both tries")
+    check(r.code == 200 and r.json().get("try") == 2, f"the client got 200 from the second try (HTTP {r.code}, try {r.json().get('try')})")
+    n = c.hits("httpbin", f"GET {key}")
+    check(n == 2, f"httpbin saw both tries (counted {n})")
     line = c.access(pos, key)[0]
     c.show_line(line)
     check(line[1].get("attempts") == "2" and line[1].get("status") == "200", "the waypoint's access log: 2 attempts, status 200")
@@ -383,7 +384,7 @@ def timeout(c, say):
     say("Timeout: the route's timeouts.request 500ms against a backend that takes 3 s", [])
     pos = c.wpos()
     r = c.curl("/slow/3000")
-    check(r.code == 504 and r.secs < 2.0, f"504 after {r.secs:.2f}s (not 3 s)")
+    check(r.code == 504 and r.secs < 2.0, f"504 within 2 s (got HTTP {r.code} after {r.secs:.2f}s)")
     line = c.access(pos, "/slow/3000")[0]
     c.show_line(line)
     check(line[1].get("status") == "504" and "UT" in line[1].get("flags", ""), "the waypoint's access log: 504, flag UT")
@@ -399,7 +400,8 @@ def mirror(c, say):
     host = c.stats("httpbin-v2")["last"].get(key, {}).get("host", "")
     log(f"    httpbin-v2 saw GET {key} x{got}, Host: {host}")
     check(got == 1 and host.split(":")[0].endswith("-shadow"), "httpbin-v2 got one copy, its Host marked -shadow")
-    check(c.hits("httpbin", f"GET {key}") == 1, "httpbin got the request once")
+    n = c.hits("httpbin", f"GET {key}")
+    check(n == 1, f"httpbin got the request once (counted {n})")
 
 
 def rate_limit(c, say):
@@ -407,8 +409,9 @@ def rate_limit(c, say):
     pos = c.wpos()
     codes = [c.curl("/limited/x", show=False).code for _ in range(5)]
     log(f"    sleep -> GET /limited/x five times: {codes}")
-    check(codes == [200, 200, 200, 429, 429], "3 x 200, then 429")
-    check(c.hits("httpbin", "GET /limited/x") == 3, "httpbin saw only the 3 allowed")
+    check(codes == [200, 200, 200, 429, 429], "3 x 200, then 429 x 2")
+    n = c.hits("httpbin", "GET /limited/x")
+    check(n == 3, f"httpbin saw only the 3 allowed (counted {n})")
     limited = [l for l in c.access(pos, "/limited/x", 5) if l[1].get("status") == "429"]
     c.show_line(limited[0])
     check(len(limited) == 2 and all("RL" in l[1].get("flags", "") for l in limited), "the waypoint's access log: 429, flag RL")
@@ -416,17 +419,22 @@ def rate_limit(c, say):
 
 def h2(c, say):
     say("HTTP/2 with prior knowledge (h2c) from sleep: the waypoint serves h2 on the HTTP port", [
-        f"$ ip netns exec {c.sleep['netns']} curl --http2-prior-knowledge http://{VIP}:{VIP_PORT}/get"])
+        f"$ ip netns exec {c.sleep['netns']} curl --http2-prior-knowledge http://{VIP}:{VIP_PORT}/h2/N   (three times)"])
     pos = c.wpos()
-    r = c.curl("/h2/get", "--http2-prior-knowledge")
-    check(r.code == 200 and r.version == "2" and r.json().get("server") == "httpbin", "HTTP/2 200, answered by httpbin")
-    # Istio's waypoint speaks HTTP/1.1 to an `http` port whatever the client used (only http2/
-    # grpc ports get h2 upstream); ours forwards in the client's protocol, so the lab's app
+    # One request per curl: curl 7.88's reuse of a prior-knowledge connection is broken (curl
+    # issue 10634, fixed after 7.88.1); the waypoint's one upstream h2 connection to httpbin
+    # carries the three as separate streams all the same.
+    replies = [c.curl(f"/h2/{i}", "--http2-prior-knowledge") for i in range(3)]
+    check(all(r.code == 200 and r.version == "2" and r.json().get("server") == "httpbin" for r in replies),
+          "HTTP/2 200 three times, answered by httpbin")
+    check(all(c.hits("httpbin", f"GET /h2/{i}") == 1 for i in range(3)), "httpbin saw each request once")
+    # Istio's waypoint speaks HTTP/1.1 to an `http` port whatever the client used (only http2
+    # and grpc ports get h2 upstream); ours forwards in the client's protocol, so the lab's app
     # speaks h2c too (apps/h2c.py). Shown, not asserted.
-    log(f"    httpbin saw the request as {r.json().get('protocol')} (the waypoint's upstream protocol)")
-    line = c.access(pos, "/h2/get")[0]
-    c.show_line(line)
-    check(line[1].get("status") == "200", "the waypoint logged it")
+    log(f"    httpbin saw them as {replies[0].json().get('protocol')} (the waypoint's upstream protocol)")
+    lines = c.access(pos, "/h2/0")
+    c.show_line(lines[0])
+    check(lines[0][1].get("status") == "200" and lines[0][1].get("protocol") == "http2", "the waypoint logged it: protocol http2, status 200")
     r = c.curl("/admin/h2", "--http2-prior-knowledge")
     check(r.code == 403 and r.version == "2", "L7 policy applies to h2 requests too: 403 over HTTP/2")
 
@@ -440,7 +448,8 @@ def websocket(c, say):
     log(f"    {out}")
     check(out["status"] == 101 and out["accept_ok"] and out["upgrade"].lower() == "websocket", "101 Switching Protocols with the right Sec-WebSocket-Accept")
     check(out["echo"] == msg, "the message came back over the upgraded connection")
-    check(c.hits("httpbin", "GET /ws") == 1, "httpbin saw one upgrade")
+    n = c.hits("httpbin", "GET /ws")
+    check(n == 1, f"httpbin saw one upgrade (counted {n})")
     line = c.access(pos, "/ws")[0]
     c.show_line(line)
     check(line[1].get("status") == "101", "the waypoint's access log: status 101")
