@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import os
 import sys
 import time
@@ -345,9 +346,11 @@ def routes(c, say):
 def weights(c, say):
     n, p = 1000, 0.10
     sigma = (n * p * (1 - p)) ** 0.5
-    tol = 5 * sigma
+    lo, hi = math.ceil(n * p - 5 * sigma), math.floor(n * p + 5 * sigma)
+    # The exact chance that a correct 90/10 split lands outside lo..hi.
+    false_fail = 1 - sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(lo, hi + 1))
     say(f"Weighted backends: {n} requests to /split, 90/10 between httpbin and httpbin-v2", [
-        f"binomial: expect {n * p:.0f} for v2, sigma {sigma:.1f}; accepted {n * p - tol:.0f}..{n * p + tol:.0f} (5 sigma: a false failure ~1 in 1.7 million)",
+        f"binomial: expect {n * p:.0f} for v2, sigma {sigma:.1f}; accepted {lo}..{hi} (5 sigma: a correct split fails ~1 run in {1 / false_fail:,.0f})",
         f"$ ip netns exec {c.sleep['netns']} python3 e2e/lab/apps/client.py burst {VIP} {VIP_PORT} /split {n} 4"])
     before = {pod: c.hits(pod, "GET /split") for pod in ("httpbin", "httpbin-v2")}
     t0 = time.monotonic()
@@ -356,7 +359,7 @@ def weights(c, say):
         + (f", errors {out['errors']}" if out["n_errors"] else ""))
     check(out["codes"] == {"200": n}, f"all {n} answered 200")
     v2 = out["servers"].get("httpbin-v2", 0)
-    check(abs(v2 - n * p) <= tol, f"httpbin-v2 answered {v2} ({v2 / n:.1%}), within {n * p:.0f} +- {tol:.0f}")
+    check(lo <= v2 <= hi, f"httpbin-v2 answered {v2} ({v2 / n:.1%}), within {lo}..{hi}")
     seen = {pod: c.hits(pod, "GET /split") - before[pod] for pod in before}
     log(f"    the apps counted: {seen}")
     check(seen == {"httpbin": n - v2, "httpbin-v2": v2}, "each app's own counter agrees with the replies (no request lost or doubled)")
