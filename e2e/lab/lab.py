@@ -14,6 +14,8 @@ Needs root. Everything it creates carries a per-run prefix (ml<pid>-...), is rec
 state file before it is created, and is removed by name and PID on exit, on failure, on
 Ctrl-C/SIGTERM, or by `down`. No namespace gets a route to the machine's interfaces: the
 router has no default route. See docs/lab.md.
+
+The walkthrough's waypoint steps are in waypoint_scenarios.py; what both share is labutil.py.
 """
 
 import argparse
