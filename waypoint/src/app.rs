@@ -3,7 +3,7 @@
 //! `build` returns [`Bound`] with every real address (tests bind port 0). Readiness blockers:
 //! `config` (the file loaded, or the first complete xDS sync: every subscribed type answered
 //! once) and `certificates` (the waypoint's own certificate issued, by the local CA or the
-//! Istio CA).
+//! Istio CA). After the drain, the trace exporter (when on) sends the spans it still holds.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -42,6 +42,8 @@ pub struct Bound {
     pub addresses: Addresses,
     pub ready: Ready,
     pub proxy: Arc<Proxy>,
+    /// The OTLP span exporter, when TRACING_OTLP_ENDPOINT is set; flushed after the drain.
+    pub tracer: Option<Arc<crate::trace::export::Exporter>>,
     drain: DrainTrigger,
     deadline: Duration,
     shutdown_rx: mpsc::Receiver<()>,
@@ -145,6 +147,28 @@ pub async fn build(cfg: Config, log: Option<LogHandle>) -> anyhow::Result<Bound>
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let tracer = {
+        let snap = store.get();
+        let (gateway, namespace) = snap
+            .waypoint
+            .as_ref()
+            .map(|w| (w.name.clone(), w.namespace.clone()))
+            .unwrap_or_default();
+        let id = crate::trace::Identity {
+            service_name: format!("{gateway}.{namespace}"),
+            node_id: cfg
+                .tracing
+                .as_ref()
+                .map(|t| t.node_id.clone())
+                .unwrap_or_default(),
+            gateway,
+            namespace,
+            mesh_id: cfg.trust_domain.clone(),
+            cluster_id: cfg.cluster_id.clone(),
+        };
+        crate::trace::export::start(cfg.tracing.as_ref(), id, &mut registry)
+            .context("starting the OTLP trace exporter")?
+    };
     let pool = mesh_hbone::Pool::new(mesh_hbone::client::PoolSettings {
         connect_timeout: cfg.connect_timeout,
         ..Default::default()
@@ -163,6 +187,13 @@ pub async fn build(cfg: Config, log: Option<LogHandle>) -> anyhow::Result<Bound>
         limiter: Limiter::default(),
         jwks: mesh_jwt::JwksStore::default(),
         authenticators: Default::default(),
+        tracing: tracer
+            .as_ref()
+            .zip(cfg.tracing.as_ref())
+            .map(|(e, t)| crate::trace::Tracing {
+                sample_ppm: t.sample_ppm(),
+                sink: e.sink(),
+            }),
     });
 
     let (shutdown_tx, shutdown_rx) = mpsc::channel(1);
@@ -229,6 +260,7 @@ pub async fn build(cfg: Config, log: Option<LogHandle>) -> anyhow::Result<Bound>
         },
         ready,
         proxy,
+        tracer,
         drain: trigger,
         deadline: cfg.drain_deadline,
         shutdown_rx,
@@ -262,6 +294,9 @@ impl Bound {
         let outcome = self.drain.drain(self.deadline).await;
         if outcome == DrainOutcome::DeadlineExceeded {
             warn!("drain deadline passed; closing remaining streams");
+        }
+        if let Some(t) = &self.tracer {
+            t.shutdown(Duration::from_secs(2)).await;
         }
         outcome
     }

@@ -211,6 +211,89 @@ pub struct Args {
     /// One JSON object per log line.
     #[arg(long, env = "LOG_JSON", default_value = "false")]
     pub log_json: bool,
+
+    /// OTLP/gRPC collector for trace spans, `http://host:port` (e.g.
+    /// `http://otel-collector.observability:4317`). Unset: no spans are exported (the W3C
+    /// trace context is still propagated).
+    #[arg(long, env = "TRACING_OTLP_ENDPOINT")]
+    pub tracing_otlp_endpoint: Option<String>,
+
+    /// Percentage (0–100) of requests arriving without a trace context for which the
+    /// waypoint starts a sampled trace; Istio's default is 1. A caller's `traceparent`
+    /// keeps its own sampled flag.
+    #[arg(long, env = "TRACING_SAMPLING", default_value = "1")]
+    pub tracing_sampling: f64,
+
+    /// Spans per OTLP export request at most.
+    #[arg(long, env = "TRACING_BATCH_SIZE", default_value = "512")]
+    pub tracing_batch_size: usize,
+
+    /// How often queued spans are exported.
+    #[arg(long, env = "TRACING_BATCH_INTERVAL", default_value = "1s")]
+    pub tracing_batch_interval: String,
+
+    /// Finished spans waiting for export at most; beyond it spans are dropped and counted.
+    #[arg(long, env = "TRACING_QUEUE_SIZE", default_value = "4096")]
+    pub tracing_queue_size: usize,
+}
+
+/// Trace export (on when TRACING_OTLP_ENDPOINT is set).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingConfig {
+    /// `http://host:port` of the OTLP/gRPC collector.
+    pub endpoint: String,
+    /// For traces the waypoint starts.
+    pub sampling_percent: f64,
+    pub batch_size: usize,
+    #[serde(with = "millis")]
+    pub batch_interval: Duration,
+    pub queue_size: usize,
+    /// Istio's node id, `waypoint~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`, for `node_id`.
+    pub node_id: String,
+}
+
+impl TracingConfig {
+    /// TRACING_SAMPLING as parts per million.
+    pub fn sample_ppm(&self) -> u32 {
+        (self.sampling_percent * 10_000.0).round() as u32
+    }
+}
+
+/// Checks an OTLP endpoint: `http://host:port`, or `host:port` (taken as http).
+fn otlp_endpoint(v: &str) -> Result<String, String> {
+    let var = "TRACING_OTLP_ENDPOINT";
+    if v.starts_with("https://") {
+        return Err(format!(
+            "{var} {v:?}: TLS to the collector is not supported; use http:// (a collector in the cluster or a local agent)"
+        ));
+    }
+    let full = if v.starts_with("http://") {
+        v.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{}", v.trim_end_matches('/'))
+    };
+    match full.parse::<http::Uri>() {
+        Ok(u)
+            if u.port_u16().is_some()
+                && u.host().is_some_and(|h| !h.is_empty())
+                && u.path() == "/" =>
+        {
+            Ok(full)
+        }
+        _ => Err(format!(
+            "{var} {v:?} is not of the form http://host:port (OTLP/gRPC, usually port 4317)"
+        )),
+    }
+}
+
+mod millis {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
 }
 
 /// The validated configuration.
@@ -235,6 +318,8 @@ pub struct Config {
     pub worker_threads: usize,
     pub log_level: String,
     pub log_json: bool,
+    /// `None`: tracing off.
+    pub tracing: Option<TracingConfig>,
 }
 
 /// Every problem found in the arguments.
@@ -277,6 +362,11 @@ impl Args {
             worker_threads,
             log_level,
             log_json,
+            tracing_otlp_endpoint,
+            tracing_sampling,
+            tracing_batch_size,
+            tracing_batch_interval,
+            tracing_queue_size,
         } = self;
         let mut errs = Vec::new();
         let mut dur = |name: &str, v: &str, min: Duration| match parse_duration(v) {
@@ -307,6 +397,14 @@ impl Args {
             Duration::from_millis(1),
         );
         let secret_ttl = dur("SECRET_TTL", &secret_ttl, Duration::from_secs(60));
+        let tracing_batch_interval = dur(
+            "TRACING_BATCH_INTERVAL",
+            &tracing_batch_interval,
+            Duration::from_millis(1),
+        );
+        let node_id = format!(
+            "waypoint~{instance_ip}~{pod_name}.{pod_namespace}~{pod_namespace}.svc.cluster.local"
+        );
         let xds = xds_address.as_deref().map(|a| {
             ControlPlane::parse("XDS_ADDRESS", a, alt_xds_hostname.as_deref(), &xds_root_ca)
         });
@@ -428,6 +526,32 @@ impl Args {
         if max_request_headers_bytes < 1024 {
             errs.push("MAX_REQUEST_HEADERS_BYTES: must be at least 1024".into());
         }
+        if !(0.0..=100.0).contains(&tracing_sampling) {
+            errs.push(format!(
+                "TRACING_SAMPLING: {tracing_sampling} is not a percentage (0 to 100)"
+            ));
+        }
+        if tracing_batch_size == 0 {
+            errs.push("TRACING_BATCH_SIZE: must be at least 1".into());
+        }
+        if tracing_queue_size == 0 {
+            errs.push("TRACING_QUEUE_SIZE: must be at least 1".into());
+        }
+        let tracing = match tracing_otlp_endpoint.as_deref().map(otlp_endpoint) {
+            None => None,
+            Some(Err(e)) => {
+                errs.push(e);
+                None
+            }
+            Some(Ok(endpoint)) => Some(TracingConfig {
+                endpoint,
+                sampling_percent: tracing_sampling,
+                batch_size: tracing_batch_size,
+                batch_interval: tracing_batch_interval,
+                queue_size: tracing_queue_size,
+                node_id,
+            }),
+        };
         let Some(cert_source) = cert_source.filter(|_| errs.is_empty()) else {
             return Err(ConfigError(errs));
         };
@@ -450,6 +574,7 @@ impl Args {
             worker_threads,
             log_level,
             log_json,
+            tracing,
         })
     }
 }
@@ -485,6 +610,36 @@ mod tests {
             .unwrap();
         assert_eq!(c.hbone_addr.port(), 15008);
         assert_eq!(c.protocol_detection_timeout, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_checked_when_on() {
+        let base = ["waypoint", "--config", "/x.yaml", "--local-ca-dir", "/ca"];
+        let c = Args::try_parse_from(base).unwrap().validate().unwrap();
+        assert_eq!(c.tracing, None);
+        let on = |extra: &[&str]| {
+            Args::try_parse_from(base.iter().chain(extra))
+                .unwrap()
+                .validate()
+        };
+        let c = on(&["--tracing-otlp-endpoint", "otel.observability:4317"]).unwrap();
+        let t = c.tracing.unwrap();
+        assert_eq!(t.endpoint, "http://otel.observability:4317");
+        assert_eq!(t.sample_ppm(), 10_000, "Istio's 1 %");
+        assert_eq!(t.batch_interval, Duration::from_secs(1));
+        let e = on(&[
+            "--tracing-otlp-endpoint",
+            "https://otel:4317",
+            "--tracing-sampling",
+            "101",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("TLS") && e.contains("TRACING_SAMPLING"), "{e}");
+        let e = on(&["--tracing-otlp-endpoint", "http://otel/v1/traces"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http://host:port"), "{e}");
     }
 
     #[test]

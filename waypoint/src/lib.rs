@@ -13,6 +13,7 @@
 //! - [`proxy`] — the request phases; [`grpc`] — gRPC requests and gRPC-shaped local replies;
 //! - [`upstream`] — endpoint choice and HTTP over HBONE to the endpoint;
 //! - [`ratelimit`] — token buckets; [`metrics`] — Istio metrics and the access log;
+//!   [`trace`] — W3C trace context and OTLP span export;
 //! - [`io`] — byte-stream views of HBONE streams; [`admin`], [`app`] — lifecycle.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -29,5 +30,6 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod route;
 pub mod state;
+pub mod trace;
 pub mod upstream;
 pub mod xds;

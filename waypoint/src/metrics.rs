@@ -154,11 +154,15 @@ pub struct Record {
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub traceparent: String,
+    /// The request's place in its trace (its span id is the one sent upstream).
+    pub trace: crate::trace::TraceContext,
+    /// Set when the request's span is to be exported ([`crate::trace`]).
+    pub span: Option<Box<crate::trace::SpanStart>>,
 }
 
 impl Record {
     /// Writes the access-log line and records the metrics. Called exactly once per request.
-    pub fn finish(self, m: &Metrics) {
+    pub fn finish(&self, m: &Metrics) {
         let l = &self.labels;
         info!(
             target: "access",

@@ -54,6 +54,8 @@ pub struct Proxy {
     pub jwks: mesh_jwt::JwksStore,
     /// Authenticators of the snapshot in force, by the RequestAuthentications they cover.
     pub authenticators: std::sync::Mutex<(u64, HashMap<String, Arc<mesh_jwt::Authenticator>>)>,
+    /// Span export; `None` when TRACING_OTLP_ENDPOINT is unset.
+    pub tracing: Option<crate::trace::Tracing>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -198,6 +200,8 @@ impl Proxy {
         let started = Instant::now();
         let snap = self.store.get();
         let target = snap.target(down.dst);
+        let (trace, span) =
+            crate::trace::begin(self.tracing.as_ref(), &req, target.as_ref(), down.dst);
         let mut rec = Record {
             labels: labels(&snap, &down, target.as_ref()),
             src_addr: down.src.to_string(),
@@ -214,6 +218,8 @@ impl Proxy {
             request_bytes: 0,
             response_bytes: 0,
             traceparent: String::new(),
+            trace,
+            span,
         };
         let grpc = crate::grpc::is_grpc(req.headers());
         rec.labels.request_protocol = if grpc {
@@ -533,7 +539,8 @@ impl Proxy {
             Some(q) => format!("{new_path}?{q}"),
             None => new_path,
         };
-        let tp = child_traceparent(parts.headers.get("traceparent"));
+        crate::trace::set_cluster(rec, &bsvc.hostname, bport);
+        let tp = rec.trace.traceparent();
         rec.traceparent = tp.to_str().unwrap_or_default().to_string();
         parts.headers.insert("traceparent", tp);
         if let Ok(h) = HeaderValue::try_from(host.as_str()) {
@@ -766,6 +773,9 @@ impl Proxy {
         let h2 = req.version() == http::Version::HTTP_2;
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
+        let tp = rec.trace.traceparent();
+        rec.traceparent = tp.to_str().unwrap_or_default().to_string();
+        parts.headers.insert("traceparent", tp);
         set_destination(&mut rec.labels, &ep);
         rec.upstream = Some(ep.addr.to_string());
         rec.attempts = 1;

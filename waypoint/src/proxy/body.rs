@@ -1,6 +1,7 @@
 //! Bodies inside the waypoint: the request body (buffered for replay, or streamed), a byte
 //! counter for request bodies, and [`Finish`], the response body that writes the request's
-//! log line and metrics exactly once — at the end of the body or when it is dropped.
+//! log line and metrics (and hands its span to the exporter) exactly once — at the end of the
+//! body or when it is dropped.
 
 use std::{
     pin::Pin,
@@ -88,6 +89,7 @@ impl Finish {
             r.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
             r.request_bytes = self.bytes_in.load(Ordering::Relaxed);
             r.finish(&self.metrics);
+            crate::trace::finish(r);
         }
     }
 }

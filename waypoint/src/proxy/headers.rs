@@ -40,29 +40,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// A W3C `traceparent` for the upstream hop: the caller's trace id with a new span id, or a
-/// new trace when the caller sent none (or an invalid one).
+/// A W3C `traceparent` for the upstream hop: the caller's trace id and flags with a new span
+/// id, or a new unsampled trace when the caller sent none (or an invalid one).
 pub fn child_traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
-    let parsed = incoming.and_then(|v| v.to_str().ok()).and_then(|s| {
-        let parts: Vec<&str> = s.split('-').collect();
-        let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit());
-        (parts.len() >= 4
-            && hex(parts[0], 2)
-            && parts[0] != "ff"
-            && hex(parts[1], 32)
-            && parts[1] != "0".repeat(32)
-            && hex(parts[2], 16)
-            && hex(parts[3], 2))
-        .then(|| (parts[1].to_ascii_lowercase(), parts[3].to_ascii_lowercase()))
-    });
-    match parsed {
-        Some((trace, flags)) => {
-            let span: u64 = rand::random::<u64>().max(1);
-            HeaderValue::try_from(format!("00-{trace}-{span:016x}-{flags}"))
-                .unwrap_or_else(|_| mesh_hbone::header::new_traceparent())
-        }
-        None => mesh_hbone::header::new_traceparent(),
-    }
+    crate::trace::TraceContext::continue_or_start(incoming, 0).traceparent()
 }
 
 /// The request's effective authority: `:authority` (HTTP/2) or `Host` (HTTP/1.1).

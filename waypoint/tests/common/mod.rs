@@ -245,6 +245,16 @@ impl Lab {
     /// `v4_mapped`: the waypoint listens on an IPv6 socket bound to `::ffff:<ip>`, so its
     /// peers arrive as IPv4-mapped IPv6 addresses (what a `[::]` listener sees in a pod).
     pub async fn new_with(net: u8, objects: &str, v4_mapped: bool) -> Lab {
+        Lab::with_waypoint_args(net, objects, v4_mapped, &[]).await
+    }
+
+    /// `extra`: further waypoint flags (e.g. `--tracing-otlp-endpoint`).
+    pub async fn with_waypoint_args(
+        net: u8,
+        objects: &str,
+        v4_mapped: bool,
+        extra: &[String],
+    ) -> Lab {
         mesh_test::raise_fd_limit();
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
@@ -311,18 +321,19 @@ impl Lab {
         let b = ztunnel::app::build(zt("node-b", 3), None, tokio::runtime::Handle::current())
             .await
             .unwrap();
-        let wcfg = waypoint::config::Args::try_parse_from([
+        let hbone_addr = if v4_mapped {
+            format!("[::ffff:{}]:15008", ip(net, 5))
+        } else {
+            format!("{}:15008", ip(net, 5))
+        };
+        let base = [
             "waypoint",
             "--config",
             wpath.to_str().unwrap(),
             "--local-ca-dir",
             ca.to_str().unwrap(),
             "--hbone-addr",
-            &if v4_mapped {
-                format!("[::ffff:{}]:15008", ip(net, 5))
-            } else {
-                format!("{}:15008", ip(net, 5))
-            },
+            &hbone_addr,
             "--admin-addr",
             "127.0.0.1:0",
             "--stats-addr",
@@ -331,7 +342,12 @@ impl Lab {
             "127.0.0.1:0",
             "--drain-deadline",
             "1s",
-        ])
+        ];
+        let wcfg = waypoint::config::Args::try_parse_from(
+            base.iter()
+                .map(|s| s.to_string())
+                .chain(extra.iter().cloned()),
+        )
         .unwrap()
         .validate()
         .unwrap();
