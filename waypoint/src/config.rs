@@ -9,7 +9,8 @@
 //! `CA_ROOT_CA`, `AUTH_TOKEN_PATH`, `TRUST_DOMAIN`, `CLUSTER_ID`, `POD_NAME`,
 //! `POD_NAMESPACE`, `INSTANCE_IP`, `SERVICE_ACCOUNT`, `NODE_NAME`, and `GATEWAY_NAME`).
 //! Certificates come from a local CA (`LOCAL_CA_DIR`) or Istio's CA (`CA_ADDRESS`, which
-//! defaults to `XDS_ADDRESS`).
+//! defaults to `XDS_ADDRESS`). Trace spans go to an OTLP/gRPC collector when
+//! `TRACING_OTLP_ENDPOINT` is set ([`TracingConfig`]; off by default).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

@@ -88,6 +88,10 @@ impl Sink {
             Err(mpsc::error::TrySendError::Closed(_)) => self.stats.drop_n("shutdown", 1),
         }
     }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
 }
 
 /// A running exporter.
@@ -302,13 +306,6 @@ impl Task {
             );
             self.failing = true;
         }
-    }
-}
-
-/// Test and tooling access to the exporter's counters through the sink the proxy holds.
-impl Sink {
-    pub fn stats(&self) -> &Stats {
-        &self.stats
     }
 }
 
