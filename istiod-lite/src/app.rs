@@ -33,7 +33,7 @@ use crate::{
     config::{Config, SourceConfig},
     deploy::{self, Deployer},
     index::Index,
-    k8s,
+    k8s, leader,
     source::{ManifestDir, Source},
     status,
     translate::{Settings, Translator},
@@ -161,7 +161,12 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
             .start(index_tx, watcher.clone())
             .await?;
             if cfg.waypoints.deploy {
-                Deployer {
+                // Writers to the cluster run on the leader only (xDS and the CA on every replica).
+                let leading = cfg
+                    .leader
+                    .clone()
+                    .map(|l| leader::spawn(client.clone(), l, watcher.clone()));
+                let deployer = Deployer {
                     client: client.clone(),
                     settings: deploy::Settings {
                         waypoint: cfg.waypoints.clone(),
@@ -171,9 +176,12 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
                         root_pem: root_pem.clone(),
                         root_namespace: cfg.root_namespace.clone(),
                     },
-                }
-                .spawn(index_rx.clone(), watcher.clone());
-                status::spawn(client.clone(), cond_rx, watcher.clone());
+                };
+                let (client, index) = (client.clone(), index_rx.clone());
+                leader::spawn_gated(leading, watcher.clone(), move |term| {
+                    deployer.clone().spawn(index.clone(), term.clone());
+                    status::spawn(client.clone(), cond_rx.clone(), term);
+                });
             }
             Arc::new(TokenReviewAuthenticator::new(
                 client,
@@ -220,7 +228,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
         index: index_rx,
         trust_domain: cfg.trust_domain.clone(),
         max_ttl: cfg.max_cert_ttl,
-        node_agents: vec!["istio-system/ztunnel".to_owned()],
+        node_agents: cfg.ca_trusted_node_accounts.clone(),
     };
     let serving = ca.issue_server(&cfg.dns_names, Duration::from_secs(365 * 24 * 3600))?;
     let tls = mesh_tls::control_plane_server_config(serving.chain, &serving.key)?;

@@ -68,6 +68,35 @@ pub struct Args {
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
 
+    /// Node agents (`namespace/serviceaccount`, comma-separated) that may ask for the
+    /// certificates of the pods on their own node (Istio's impersonation rule).
+    #[arg(
+        long,
+        env = "CA_TRUSTED_NODE_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = "istio-system/ztunnel"
+    )]
+    pub ca_trusted_node_accounts: Vec<String>,
+
+    /// With Kubernetes and more than one replica: only the holder of the Lease
+    /// `istiod-lite-leader` deploys waypoints and writes status (every replica serves xDS and
+    /// the CA). Off: this replica always does (run one replica only).
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// How long a leader's Lease holds without renewal before another replica takes over;
+    /// the leader renews every sixth of it and steps down after half of it without renewal.
+    #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION", value_parser = parse_duration, default_value = "30s")]
+    pub leader_lease_duration: Duration,
+
+    /// This replica's name in the Lease (the Deployment sets it from the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// The Lease's namespace (the Deployment sets the pod's); default ROOT_NAMESPACE.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
     #[arg(long, env = "DOMAIN_SUFFIX", default_value = "cluster.local")]
     pub domain_suffix: String,
 
@@ -132,6 +161,16 @@ pub struct WaypointConfig {
     pub xds_address: String,
 }
 
+/// Leader election on a `coordination.k8s.io/v1` Lease ([`crate::leader`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderConfig {
+    pub namespace: String,
+    pub identity: String,
+    #[serde(serialize_with = "secs")]
+    pub lease_duration: Duration,
+}
+
 /// Where objects come from (exactly one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -166,6 +205,9 @@ pub struct Config {
     pub cluster_id: String,
     #[serde(serialize_with = "secs")]
     pub max_cert_ttl: Duration,
+    pub ca_trusted_node_accounts: Vec<String>,
+    /// `None`: the manifest source (nothing to lead), or `LEADER_ELECTION=false`.
+    pub leader: Option<LeaderConfig>,
     pub waypoints: WaypointConfig,
     pub log_level: String,
 }
@@ -191,6 +233,11 @@ impl Args {
             dns_names,
             static_tokens,
             trust_domain,
+            ca_trusted_node_accounts,
+            leader_election,
+            leader_lease_duration,
+            pod_name,
+            pod_namespace,
             domain_suffix,
             root_namespace,
             cluster_id,
@@ -269,9 +316,36 @@ impl Args {
                 "WAYPOINT_XDS_ADDRESS {waypoint_xds_address:?} must be an https:// URL (xDS and the CA are served over TLS)"
             ));
         }
+        let ca_trusted_node_accounts: Vec<String> = ca_trusted_node_accounts
+            .into_iter()
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect();
+        for a in &ca_trusted_node_accounts {
+            if a.split_once('/')
+                .is_none_or(|(ns, sa)| ns.is_empty() || sa.is_empty() || sa.contains('/'))
+            {
+                errs.push(format!(
+                    "CA_TRUSTED_NODE_ACCOUNTS entry {a:?} must be namespace/serviceaccount (e.g. istio-system/ztunnel)"
+                ));
+            }
+        }
+        if leader_lease_duration < Duration::from_secs(3) {
+            errs.push("LEADER_ELECTION_LEASE_DURATION must be at least 3s".to_owned());
+        }
         if !errs.is_empty() {
             return Err(ConfigError(errs));
         }
+        let leader = (leader_election && manifests.is_none()).then(|| LeaderConfig {
+            namespace: pod_namespace
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| root_namespace.clone()),
+            identity: pod_name.filter(|n| !n.is_empty()).unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            }),
+            lease_duration: leader_lease_duration,
+        });
         // The manifest source has no API server to deploy to.
         let deploy = deploy_waypoints && manifests.is_none();
         let source = match manifests {
@@ -296,6 +370,8 @@ impl Args {
             root_namespace,
             cluster_id,
             max_cert_ttl,
+            ca_trusted_node_accounts,
+            leader,
             waypoints: WaypointConfig {
                 deploy,
                 image: waypoint_image,
@@ -331,6 +407,66 @@ mod tests {
         assert_eq!(c.root_namespace, "istio-system");
         assert_eq!(c.max_cert_ttl, Duration::from_secs(86400));
         assert!(c.dns_names.contains(&"istiod.istio-system.svc".to_owned()));
+    }
+
+    #[test]
+    fn leader_election_and_trusted_node_accounts() {
+        let c = args(&["--kubeconfig", "kc", "--ca-dir", "ca"]).unwrap();
+        assert_eq!(c.ca_trusted_node_accounts, ["istio-system/ztunnel"]);
+        let l = c.leader.expect("on by default with Kubernetes");
+        assert_eq!(l.namespace, "istio-system");
+        assert_eq!(l.lease_duration, Duration::from_secs(30));
+        assert!(!l.identity.is_empty());
+        let c = args(&[
+            "--kubeconfig",
+            "kc",
+            "--ca-dir",
+            "ca",
+            "--pod-name",
+            "istiod-7f9",
+            "--pod-namespace",
+            "mesh-system",
+            "--ca-trusted-node-accounts",
+            "mesh-system/ztunnel, mesh-system/other",
+        ])
+        .unwrap();
+        let l = c.leader.unwrap();
+        assert_eq!(
+            (l.identity.as_str(), l.namespace.as_str()),
+            ("istiod-7f9", "mesh-system")
+        );
+        assert_eq!(
+            c.ca_trusted_node_accounts,
+            ["mesh-system/ztunnel", "mesh-system/other"]
+        );
+        let c = args(&[
+            "--kubeconfig",
+            "kc",
+            "--ca-dir",
+            "ca",
+            "--leader-election",
+            "false",
+        ]);
+        assert!(c.unwrap().leader.is_none());
+        // The manifest source has nothing to lead.
+        let c = args(&["--manifests", "m", "--static-tokens", "t", "--ca-dir", "ca"]).unwrap();
+        assert!(c.leader.is_none());
+        let e = args(&[
+            "--kubeconfig",
+            "kc",
+            "--ca-dir",
+            "ca",
+            "--ca-trusted-node-accounts",
+            "ztunnel",
+            "--leader-lease-duration",
+            "1s",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("CA_TRUSTED_NODE_ACCOUNTS entry \"ztunnel\""),
+            "{e}"
+        );
+        assert!(e.contains("LEADER_ELECTION_LEASE_DURATION"), "{e}");
     }
 
     #[test]

@@ -168,6 +168,7 @@ fn fingerprint(gw: &Gateway) -> u64 {
 }
 
 /// The reconciler. Start it with [`Deployer::spawn`].
+#[derive(Clone)]
 pub struct Deployer {
     pub client: Client,
     pub settings: Settings,

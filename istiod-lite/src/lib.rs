@@ -6,7 +6,8 @@
 //!                     (apply/   (pure)    └─► CA: CreateCertificate (token → node rule)
 //!                      delete/reset) ──────────► delta ADS (KubeObject, verbatim) ─► waypoints
 //!                        │
-//!                        └─► deploy: waypoint Gateways → SA/Deployment/Service + status (SSA)
+//!                        └─► deploy: waypoint Gateways → SA/Deployment/Service + status (SSA),
+//!                            on the elected leader only (a Lease)
 //! ```
 //!
 //! Every push is a new immutable [`xds::Snapshot`]; each xDS stream diffs it against what its
@@ -19,6 +20,7 @@ pub mod config;
 pub mod deploy;
 pub mod index;
 pub mod k8s;
+pub mod leader;
 pub mod source;
 pub mod status;
 pub mod translate;

@@ -4,6 +4,10 @@
 //! ServiceAccount (`istio-system/istiod`, impersonated) with only the shipped ClusterRole
 //! lists every kind it watches, deploys a waypoint and writes its status, and writes
 //! AuthorizationPolicies' `ZtunnelAccepted` and `WaypointAccepted` conditions.
+//!
+//! The Helm chart (`manifests/chart`): `helm lint` passes, the plain manifests are exactly what
+//! it renders with its defaults (`manifests/render.sh --check`), and rendered with other
+//! values into another namespace it passes the server dry run and names no `istio-system`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,13 +33,57 @@ fn ok(what: &str, out: &std::process::Output) -> String {
     stdout
 }
 
-/// Every YAML file under `manifests/`, relative to it.
+/// The project's pinned Helm (`e2e/k8s/helm.sh` installs it next to kubectl), or `None`
+/// (the test is skipped, unless `MESH_REQUIRE_K8S=1` makes that a failure).
+fn helm(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var("MESH_K8S_DIR").unwrap_or_else(|_| "/var/cache/mesh-k8s".into());
+    let helm = Path::new(&dir).join("bin/helm");
+    if helm.exists() {
+        return Some(helm);
+    }
+    let why = format!("{} is missing (run bash e2e/k8s/helm.sh)", helm.display());
+    if std::env::var("MESH_REQUIRE_K8S").as_deref() == Ok("1") {
+        panic!("MESH_REQUIRE_K8S=1 but {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    None
+}
+
+fn chart() -> String {
+    repo().join("manifests/chart").display().to_string()
+}
+
+#[test]
+fn the_chart_lints_and_renders_exactly_the_plain_manifests() {
+    let Some(helm) = helm("the_chart_lints_and_renders_exactly_the_plain_manifests") else {
+        return;
+    };
+    let lint = std::process::Command::new(&helm)
+        .args(["lint", "--strict", &chart()])
+        .output()
+        .unwrap();
+    ok("helm lint", &lint);
+    let check = std::process::Command::new("bash")
+        .arg(repo().join("manifests/render.sh"))
+        .arg("--check")
+        .env("MESH_HELM", &helm)
+        .output()
+        .unwrap();
+    ok(
+        "manifests/render.sh --check (the plain manifests are stale: run bash manifests/render.sh)",
+        &check,
+    );
+}
+
+/// Every YAML file under `manifests/` but the chart, relative to it.
 fn manifest_files() -> Vec<String> {
     fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             if p.is_dir() {
-                walk(&p, base, out);
+                if p.file_name().is_some_and(|n| n != "chart") {
+                    walk(&p, base, out);
+                }
             } else if p.extension().is_some_and(|x| x == "yaml")
                 && p.file_name().is_some_and(|n| n != "kustomization.yaml")
             {
@@ -109,6 +157,54 @@ async fn every_manifest_passes_server_dry_run_and_the_rbac_is_enough() {
         assert!(out.contains(want), "{want} missing from:\n{out}");
     }
 
+    // The chart with other values into another namespace: nothing may still say istio-system.
+    if let Some(helm) = helm("every_manifest_passes_server_dry_run_and_the_rbac_is_enough") {
+        c.namespace("mesh-helm", false).await;
+        let rendered = std::process::Command::new(&helm)
+            .args(["template", "mesh", &chart(), "--namespace", "mesh-helm"])
+            .args([
+                "--set",
+                "hub=registry.example/mesh,tag=v9,istiod.replicas=2",
+            ])
+            .args([
+                "--set",
+                "trustDomain=example.org,cni.binDir=/home/kubernetes/bin",
+            ])
+            .args([
+                "--set",
+                "istiod.env.AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY=true",
+            ])
+            .args(["--set", "waypointClass.enabled=false"])
+            .output()
+            .unwrap();
+        let rendered = ok("helm template", &rendered);
+        assert!(!rendered.contains("istio-system"), "{rendered}");
+        for want in [
+            "https://istiod.mesh-helm.svc:15012",
+            "image: registry.example/mesh/ztunnel:v9",
+            "value: mesh-helm/ztunnel",
+            "replicas: 2",
+            "path: /home/kubernetes/bin",
+            "value: \"example.org\"",
+        ] {
+            assert!(rendered.contains(want), "{want} missing from:\n{rendered}");
+        }
+        assert!(!rendered.contains("kind: GatewayClass"), "{rendered}");
+        let f = c.write("chart.yaml", &rendered);
+        let out = ok(
+            "dry run of the rendered chart",
+            &c.kubectl(&["apply", "--dry-run=server", "-f", &f.display().to_string()]),
+        );
+        for want in [
+            "deployment.apps/istiod",
+            "daemonset.apps/ztunnel",
+            "daemonset.apps/istio-cni-node",
+            "role.rbac.authorization.k8s.io/istiod-lite-leader",
+        ] {
+            assert!(out.contains(want), "{want} missing from:\n{out}");
+        }
+    }
+
     // istiod-lite's RBAC for real, and istiod-lite impersonating its ServiceAccount.
     ok(
         "apply istiod-lite",
@@ -121,7 +217,10 @@ async fn every_manifest_passes_server_dry_run_and_the_rbac_is_enough() {
     }
     let as_istiod = c.write("istiod.kubeconfig", &serde_yaml::to_string(&kc).unwrap());
     // Returns only once every watched kind listed: a missing list/watch verb fails here.
-    let cp = c.istiod_with(&as_istiod).await;
+    // The leader Lease in istio-system: the Role in istiod-lite.yaml must allow it.
+    let cp = c
+        .istiod_args(&as_istiod, &["--pod-namespace", "istio-system"])
+        .await;
     // The mesh root for ztunnel's istiod-ca-cert volume, published in istio-system.
     let cms: Api<ConfigMap> = c.ns_api("istio-system");
     let root = eventually("istio-system/istio-ca-root-cert", || {

@@ -280,7 +280,14 @@ impl Cluster {
 
     /// istiod-lite reaching the cluster through `kubeconfig` (e.g. one that impersonates).
     pub async fn istiod_with(&self, kubeconfig: &Path) -> istiod_lite::app::Bound {
-        let args = istiod_lite::config::Args::try_parse_from([
+        // The leader Lease in `default` (every API server has it; istio-system may not exist).
+        self.istiod_args(kubeconfig, &["--pod-namespace", "default"])
+            .await
+    }
+
+    /// istiod-lite with more flags (e.g. `--pod-name`, `--leader-lease-duration`).
+    pub async fn istiod_args(&self, kubeconfig: &Path, extra: &[&str]) -> istiod_lite::app::Bound {
+        let mut argv = vec![
             "istiod-lite".to_owned(),
             "--kubeconfig".into(),
             kubeconfig.display().to_string(),
@@ -290,8 +297,9 @@ impl Cluster {
             "127.0.0.1:0".into(),
             "--monitor-addr".into(),
             "127.0.0.1:0".into(),
-        ])
-        .unwrap();
+        ];
+        argv.extend(extra.iter().map(|a| a.to_string()));
+        let args = istiod_lite::config::Args::try_parse_from(argv).unwrap();
         let cp = tokio::time::timeout(WAIT, istiod_lite::app::build(args.validate().unwrap()))
             .await
             .expect("istiod-lite did not finish its initial list")
