@@ -327,9 +327,12 @@ impl TokenReviewAuthenticator {
             // Missing or different in the index (it may lag a fresh pod): ask the API.
             _ => {
                 let api: kube::Api<Pod> = kube::Api::namespaced(self.client.clone(), ns);
-                api.get_opt(name).await.map_err(|e| AuthError::Api {
-                    reason: format!("getting pod {pod_key}: {e}"),
-                })?
+                api.get_opt(name)
+                    .await
+                    .map_err(|e| AuthError::Api {
+                        reason: format!("getting pod {pod_key}: {e}"),
+                    })?
+                    .map(Arc::new)
             }
         };
         let Some(pod) = pod else {
@@ -345,7 +348,8 @@ impl TokenReviewAuthenticator {
             });
         }
         pod.spec
-            .and_then(|s| s.node_name)
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
             .filter(|n| !n.is_empty())
             .ok_or(AuthError::NotAuthenticated {
                 reason: format!("the token's pod {pod_key} is not scheduled to a node"),

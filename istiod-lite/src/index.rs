@@ -9,7 +9,7 @@
 //! Objects the waypoint evaluates itself (routes, Istio policies, DestinationRules) are also
 //! kept verbatim as [`KubeObject`]s, keyed `<kind>/<namespace>/<name>`, to be sent as they are.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use mesh_policy::model::{AuthorizationPolicy, PeerAuthentication};
@@ -141,7 +141,9 @@ pub fn key(namespace: Option<&str>, name: Option<&str>) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct Index {
     pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<String, Pod>,
+    /// Persistent (structurally shared): cloning the index to publish it, and the
+    /// translator's cache of what each pod became, share the pods instead of copying them.
+    pub pods: imbl::OrdMap<String, Arc<Pod>>,
     pub services: BTreeMap<String, Service>,
     pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
     pub peer_authentications: BTreeMap<String, PeerAuthentication>,
@@ -161,7 +163,7 @@ impl Index {
             }
             Object::Pod(p) => {
                 let k = key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref());
-                self.pods.insert(k, p);
+                self.pods.insert(k, Arc::new(p));
             }
             Object::Service(s) => {
                 let k = key(s.metadata.namespace.as_deref(), s.metadata.name.as_deref());

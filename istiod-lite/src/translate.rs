@@ -444,7 +444,7 @@ fn assemble<'a>(b: &Base, pods: impl Iterator<Item = &'a PodOut> + Clone) -> Res
 pub struct Translator {
     last: Option<(Context, Base)>,
     /// Pod key → the pod as translated, and what it became.
-    pods: BTreeMap<String, (Pod, PodOut)>,
+    pods: BTreeMap<String, (Arc<Pod>, PodOut)>,
 }
 
 /// The inputs of a workload other than its pod.
@@ -487,7 +487,11 @@ impl Translator {
             .last
             .get_or_insert_with(|| (Context::of(idx), base(idx, s)));
         for (k, pod) in &idx.pods {
-            if self.pods.get(k).is_some_and(|(p, _)| p == pod) {
+            if self
+                .pods
+                .get(k)
+                .is_some_and(|(p, _)| Arc::ptr_eq(p, pod) || p == pod)
+            {
                 continue;
             }
             self.pods
