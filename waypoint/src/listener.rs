@@ -170,7 +170,7 @@ async fn stream(proxy: Arc<Proxy>, peer: Option<Identity>, src: SocketAddr, inc:
     let mut io = H2Io::new(send, recv, Box::new(()));
     let mut head = BytesMut::new();
     let proto = match protocol {
-        PortProtocol::Http => Detected::Http1,
+        PortProtocol::Http | PortProtocol::Http2 => Detected::Http1,
         PortProtocol::Tcp => Detected::Opaque,
         PortProtocol::Detect => {
             let deadline = tokio::time::Instant::now() + proxy.cfg.protocol_detection_timeout;

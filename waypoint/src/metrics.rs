@@ -153,6 +153,9 @@ pub struct Record {
     pub duration_ms: f64,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// The HTTP version spoken to the upstream (`http` / `http2`), chosen by the destination
+    /// port's protocol; `-` when the request never went upstream.
+    pub upstream_protocol: &'static str,
     pub traceparent: String,
     /// The request's place in its trace (its span id is the one sent upstream).
     pub trace: crate::trace::TraceContext,
@@ -177,6 +180,7 @@ impl Record {
             method = %self.method,
             path = %self.path,
             protocol = l.request_protocol,
+            upstream_protocol = self.upstream_protocol,
             status = l.response_code,
             grpc_status = %l.grpc_response_status,
             flags = l.response_flags,

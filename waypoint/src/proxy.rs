@@ -32,16 +32,19 @@ use crate::{
     metrics::{Metrics, Record, RequestLabels},
     ratelimit::Limiter,
     route::{self, Backend, BackendService, Entry, RetrySpec, RewriteSpec, RouteKind},
-    state::{Snapshot, Store, Target},
+    state::{PortProtocol, Snapshot, Store, Target},
     upstream::{Body, BoxError, Endpoint, Lb, Upstream},
 };
 
 mod body;
 mod headers;
+mod mirror;
+mod protocol;
 
 use body::{CountIn, Finish, ReqBody};
 use headers::authority;
 pub use headers::{HeadFacts, child_traceparent, head_facts, strip_hop_by_hop};
+use protocol::DownTrailers;
 
 /// Shared by every request.
 pub struct Proxy {
@@ -217,6 +220,7 @@ impl Proxy {
             duration_ms: 0.0,
             request_bytes: 0,
             response_bytes: 0,
+            upstream_protocol: "-",
             traceparent: String::new(),
             trace,
             span,
@@ -520,7 +524,8 @@ impl Proxy {
         let upgrade =
             req.version() != http::Version::HTTP_2 && req.headers().contains_key(header::UPGRADE);
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let h2 = req.version() == http::Version::HTTP_2;
+        let h2 = protocol::upstream_h2(snap, &bsvc, bport, upgrade);
+        let down_trailers = DownTrailers::of(req.version(), req.headers());
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
         rule.request_headers.apply(&mut parts.headers);
@@ -543,13 +548,7 @@ impl Proxy {
         let tp = rec.trace.traceparent();
         rec.traceparent = tp.to_str().unwrap_or_default().to_string();
         parts.headers.insert("traceparent", tp);
-        if let Ok(h) = HeaderValue::try_from(host.as_str()) {
-            parts.headers.insert(header::HOST, h);
-        }
-        if h2 {
-            parts.headers.remove(header::HOST);
-        }
-        let uri: Uri = match if h2 { format!("http://{host}{pq}") } else { pq }.parse() {
+        let uri: Uri = match protocol::set_target(&mut parts, h2, &host, &pq) {
             Ok(u) => u,
             Err(_) => {
                 return local(
@@ -596,10 +595,9 @@ impl Proxy {
                     &m.service,
                     port,
                     &parts,
-                    &uri,
+                    &pq,
                     &host,
                     b.clone(),
-                    h2,
                 );
             }
         }
@@ -639,6 +637,7 @@ impl Proxy {
                 tried.push(ep.workload.uid.clone());
                 set_destination(&mut rec.labels, &ep);
                 rec.upstream = Some(ep.addr.to_string());
+                rec.upstream_protocol = protocol::name(h2);
                 let _in_flight = match self.upstream.begin(&ep, max) {
                     Ok(g) => g,
                     Err(e) => {
@@ -653,11 +652,6 @@ impl Proxy {
                 let Some(b) = body.take() else { break };
                 let mut r = Request::from_parts(parts.clone(), b);
                 *r.uri_mut() = uri.clone();
-                *r.version_mut() = if h2 {
-                    http::Version::HTTP_2
-                } else {
-                    http::Version::HTTP_11
-                };
                 let sent = self.upstream.send(&ep, &wp.identity, r, h2, upgrade);
                 let res = match rule.backend_timeout {
                     Some(t) => match tokio::time::timeout(t, sent).await {
@@ -755,7 +749,9 @@ impl Proxy {
                 });
             }
         } else {
+            let declared = out.resp.headers().get(header::TRAILER).cloned();
             strip_hop_by_hop(out.resp.headers_mut(), false);
+            down_trailers.declare(declared, out.resp.headers_mut());
         }
         rule.response_headers.apply(out.resp.headers_mut());
         out
@@ -763,21 +759,39 @@ impl Proxy {
 
     async fn forward_direct(
         &self,
-        _snap: &Snapshot,
+        snap: &Snapshot,
         wp: &crate::state::WaypointId,
         ep: Endpoint,
         req: Request<Incoming>,
         rec: &mut Record,
         bytes_in: &Arc<AtomicU64>,
     ) -> Outcome {
-        let h2 = req.version() == http::Version::HTTP_2;
+        let h2 = snap.workload_protocol(&ep.workload, ep.addr.port()) == PortProtocol::Http2;
+        let down_trailers = DownTrailers::of(req.version(), req.headers());
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        match protocol::set_target(&mut parts, h2, &rec.authority, &pq) {
+            Ok(u) => parts.uri = u,
+            Err(_) => {
+                return local(
+                    StatusCode::BAD_REQUEST,
+                    "Bad Request\n",
+                    "DPE",
+                    "request target cannot be rebuilt".into(),
+                );
+            }
+        }
         let tp = rec.trace.traceparent();
         rec.traceparent = tp.to_str().unwrap_or_default().to_string();
         parts.headers.insert("traceparent", tp);
         set_destination(&mut rec.labels, &ep);
         rec.upstream = Some(ep.addr.to_string());
+        rec.upstream_protocol = protocol::name(h2);
         rec.attempts = 1;
         let body = CountIn {
             inner: body,
@@ -786,12 +800,19 @@ impl Proxy {
         .boxed_unsync();
         let r = Request::from_parts(parts, body);
         match self.upstream.send(&ep, &wp.identity, r, h2, false).await {
-            Ok(resp) => Outcome {
-                resp: resp.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
-                flag: "-",
-                reason: None,
-                local: None,
-            },
+            Ok(resp) => {
+                let mut resp =
+                    resp.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync());
+                let declared = resp.headers().get(header::TRAILER).cloned();
+                strip_hop_by_hop(resp.headers_mut(), false);
+                down_trailers.declare(declared, resp.headers_mut());
+                Outcome {
+                    resp,
+                    flag: "-",
+                    reason: None,
+                    local: None,
+                }
+            }
             Err(e) => local(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers",
@@ -799,57 +820,6 @@ impl Proxy {
                 e.to_string(),
             ),
         }
-    }
-
-    /// Sends a copy of the request to the mirror backend and forgets the response
-    /// (Envoy's shadowing: `Host` gets a `-shadow` suffix).
-    #[allow(clippy::too_many_arguments)]
-    fn mirror(
-        &self,
-        snap: &Snapshot,
-        me: Identity,
-        target: &BackendService,
-        port: u16,
-        parts: &http::request::Parts,
-        uri: &Uri,
-        host: &str,
-        body: Bytes,
-        h2: bool,
-    ) {
-        let Some(svc) = snap.service(&target.namespace, &target.name).cloned() else {
-            debug!(mirror = %target.name, "mirror backend not found");
-            return;
-        };
-        let port = target.port.unwrap_or(port);
-        let Ok(ep) = self.upstream.pick(snap, &svc, port, Lb::RoundRobin, &[]) else {
-            return;
-        };
-        let mut parts = parts.clone();
-        let shadow = match host.rsplit_once(':') {
-            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => format!("{h}-shadow:{p}"),
-            _ => format!("{host}-shadow"),
-        };
-        let uri = if h2 {
-            format!(
-                "http://{shadow}{}",
-                uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
-            )
-            .parse()
-            .unwrap_or_else(|_| uri.clone())
-        } else {
-            if let Ok(h) = HeaderValue::try_from(shadow) {
-                parts.headers.insert(header::HOST, h);
-            }
-            uri.clone()
-        };
-        let up = self.upstream.clone();
-        tokio::spawn(async move {
-            let mut r = Request::from_parts(parts, full(body));
-            *r.uri_mut() = uri;
-            if let Ok(resp) = up.send(&ep, &me, r, h2, false).await {
-                let _ = resp.into_body().collect().await;
-            }
-        });
     }
 }
 

@@ -66,33 +66,35 @@ pub struct WaypointId {
 /// How a service port is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum PortProtocol {
+    /// HTTP, spoken to the app as HTTP/1.1 (`http`, `kubernetes.io/ws`).
     Http,
+    /// HTTP, spoken to the app as HTTP/2 with prior knowledge (`http2`, `grpc`, `grpc-web`,
+    /// `h2c`, `kubernetes.io/h2c`): Istio's `IsHTTP2()` ports.
+    Http2,
     Tcp,
     /// No Service object or no hint: sniff the first bytes.
     Detect,
 }
 
-/// Istio's protocol selection: `appProtocol`, else the port name's prefix.
+/// Istio's protocol selection: `appProtocol`, else the port name (`<protocol>` or
+/// `<protocol>-<suffix>`). `kubernetes.io/h2c` is HTTP/2; other `kubernetes.io/` values HTTP.
 pub fn port_protocol(name: Option<&str>, app_protocol: Option<&str>) -> PortProtocol {
     let classify = |p: &str| {
         let p = p.to_ascii_lowercase();
         let base = p.split(['-', '_']).next().unwrap_or_default().to_string();
         match base.as_str() {
-            "http" | "http2" | "grpc" | "h2c" => Some(PortProtocol::Http),
-            "kubernetes.io/h2c" | "kubernetes.io/ws" | "kubernetes.io/wss" => {
-                Some(PortProtocol::Http)
-            }
+            "http" => Some(PortProtocol::Http),
+            // `grpc-web-x` splits to `grpc` too: HTTP/2 as well (Istio's GRPCWeb).
+            "http2" | "grpc" | "h2c" => Some(PortProtocol::Http2),
             "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" => Some(PortProtocol::Tcp),
             _ => None,
         }
     };
     app_protocol
-        .and_then(|a| {
-            if a.starts_with("kubernetes.io/") {
-                Some(PortProtocol::Http)
-            } else {
-                classify(a)
-            }
+        .and_then(|a| match a {
+            "kubernetes.io/h2c" => Some(PortProtocol::Http2),
+            a if a.starts_with("kubernetes.io/") => Some(PortProtocol::Http),
+            a => classify(a),
         })
         .or_else(|| name.and_then(classify))
         .unwrap_or(PortProtocol::Detect)
@@ -230,6 +232,30 @@ impl Snapshot {
             .flat_map(|p| p.spec.ports.iter())
             .find(|p| p.port == port)
             .map(|p| port_protocol(p.name.as_deref(), p.app_protocol.as_deref()))
+            .unwrap_or(PortProtocol::Detect)
+    }
+
+    /// The protocol of a workload-addressed port: that of a Service port of the workload
+    /// whose target port it is (the first one declaring a protocol), else `Detect`.
+    pub fn workload_protocol(&self, workload: &Workload, port: u16) -> PortProtocol {
+        workload
+            .services
+            .iter()
+            .flat_map(|(key, ports)| {
+                ports
+                    .iter()
+                    .filter(move |(_, t)| **t == port)
+                    .map(move |(sp, _)| (key, *sp))
+            })
+            .filter_map(|(key, sp)| {
+                let (ns, host) = key.split_once('/')?;
+                let svc = self
+                    .by_name
+                    .values()
+                    .find(|s| s.namespace == ns && s.hostname == host)?;
+                Some(self.protocol(svc, sp))
+            })
+            .find(|p| *p != PortProtocol::Detect)
             .unwrap_or(PortProtocol::Detect)
     }
 
@@ -440,11 +466,18 @@ objects:
 
     #[test_case(Some("http"), None => PortProtocol::Http)]
     #[test_case(Some("http-web"), None => PortProtocol::Http)]
-    #[test_case(Some("grpc"), None => PortProtocol::Http)]
+    #[test_case(Some("grpc"), None => PortProtocol::Http2)]
+    #[test_case(Some("grpc-web"), None => PortProtocol::Http2)]
+    #[test_case(Some("http2-api"), None => PortProtocol::Http2)]
+    #[test_case(Some("HTTP2"), None => PortProtocol::Http2 ; "case insensitive")]
+    #[test_case(Some("h2c"), None => PortProtocol::Http2)]
+    #[test_case(Some("http"), Some("grpc") => PortProtocol::Http2 ; "appProtocol grpc wins")]
+    #[test_case(Some("grpc"), Some("http") => PortProtocol::Http ; "appProtocol http wins")]
+    #[test_case(None, Some("kubernetes.io/ws") => PortProtocol::Http)]
     #[test_case(Some("tcp-db"), None => PortProtocol::Tcp)]
     #[test_case(Some("web"), None => PortProtocol::Detect)]
     #[test_case(Some("tcp"), Some("http") => PortProtocol::Http ; "appProtocol wins")]
-    #[test_case(None, Some("kubernetes.io/h2c") => PortProtocol::Http)]
+    #[test_case(None, Some("kubernetes.io/h2c") => PortProtocol::Http2)]
     fn protocol_selection(name: Option<&str>, app: Option<&str>) -> PortProtocol {
         port_protocol(name, app)
     }

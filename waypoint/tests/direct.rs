@@ -7,10 +7,7 @@
 
 mod common;
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
@@ -486,36 +483,6 @@ async fn jwt_is_validated_then_authorized_by_request_principal() {
             .status,
         403
     );
-}
-
-/// Access-log lines of every test in this binary (one global subscriber); tests filter by
-/// their own addresses.
-fn logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf: Arc<Mutex<Vec<u8>>> = Arc::default();
-        let w = buf.clone();
-        let make = move || LogWriter(w.clone());
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("access=info")
-            .with_ansi(false)
-            .with_writer(make)
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,8 @@ pub struct Hit {
     pub app: String,
     pub method: String,
     pub path: String,
+    /// The HTTP version the app was spoken to in.
+    pub version: http::Version,
     pub headers: HashMap<String, String>,
 }
 
@@ -56,6 +58,7 @@ pub async fn app_handle(
         app: name.clone(),
         method: req.method().to_string(),
         path: path.clone(),
+        version: req.version(),
         headers,
     });
     if let Some(code) = path.strip_prefix("/status/") {
@@ -110,6 +113,9 @@ pub async fn app_handle(
         let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
         r.headers_mut()
             .insert("content-type", "application/grpc".parse().unwrap());
+        // Declared, so an HTTP/1.1 server sends them (chunked) to a `te: trailers` caller.
+        r.headers_mut()
+            .insert("trailer", "grpc-status, grpc-message".parse().unwrap());
         return r;
     }
     let mut r = Response::new(body(format!("{name} {} {path}", req.method())));
@@ -117,8 +123,24 @@ pub async fn app_handle(
     r
 }
 
+/// Which HTTP versions an app serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppVersion {
+    /// HTTP/1.1 and HTTP/2 (prior knowledge), told apart by the preface.
+    Both,
+    /// HTTP/1.1 only: an HTTP/2 preface is a parse error.
+    Http1,
+    /// HTTP/2 with prior knowledge only.
+    Http2,
+}
+
 /// An HTTP/1.1 + HTTP/2 app on `ip`, recording every request into `hits`.
 pub async fn app(ip: IpAddr, name: &str, hits: Hits) -> SocketAddr {
+    app_with(ip, name, hits, AppVersion::Both).await
+}
+
+/// An app on `ip` serving only the given HTTP versions, recording every request into `hits`.
+pub async fn app_with(ip: IpAddr, name: &str, hits: Hits, version: AppVersion) -> SocketAddr {
     let l = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
     let name = name.to_string();
@@ -131,9 +153,25 @@ pub async fn app(ip: IpAddr, name: &str, hits: Hits) -> SocketAddr {
                     let (name, hits, flaky) = (name.clone(), hits.clone(), flaky.clone());
                     async move { Ok::<_, Infallible>(app_handle(name, hits, flaky, req).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
-                    .await;
+                let io = TokioIo::new(s);
+                let _ = match version {
+                    AppVersion::Both => {
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection_with_upgrades(io, svc)
+                            .await
+                    }
+                    AppVersion::Http1 => hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .with_upgrades()
+                        .await
+                        .map_err(Into::into),
+                    AppVersion::Http2 => {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await
+                            .map_err(Into::into)
+                    }
+                };
             });
         }
     });
@@ -255,6 +293,21 @@ impl Lab {
         v4_mapped: bool,
         extra: &[String],
     ) -> Lab {
+        Lab::build(net, objects, v4_mapped, extra, [AppVersion::Both; 3]).await
+    }
+
+    /// `versions`: what the echo, echo-v2 and mirror apps serve.
+    pub async fn with_app_versions(net: u8, objects: &str, versions: [AppVersion; 3]) -> Lab {
+        Lab::build(net, objects, false, &[], versions).await
+    }
+
+    async fn build(
+        net: u8,
+        objects: &str,
+        v4_mapped: bool,
+        extra: &[String],
+        versions: [AppVersion; 3],
+    ) -> Lab {
         mesh_test::raise_fd_limit();
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
@@ -265,9 +318,10 @@ impl Lab {
         }
         let hits: Hits = Arc::default();
         let s = ip(net, 3);
-        let p1 = app(s, "echo", hits.clone()).await.port();
-        let p2 = app(s, "echo-v2", hits.clone()).await.port();
-        let p3 = app(s, "mirror", hits.clone()).await.port();
+        let [v1, v2, v3] = versions;
+        let p1 = app_with(s, "echo", hits.clone(), v1).await.port();
+        let p2 = app_with(s, "echo-v2", hits.clone(), v2).await.port();
+        let p3 = app_with(s, "mirror", hits.clone(), v3).await.port();
         let p4 = mesh_test::echo(s).await.port();
         let (grpc, health) = grpc_app(s).await;
         let mesh = mesh_yaml(net, &[p1, p2, p3, p4, grpc.port()]);
@@ -440,3 +494,33 @@ pub async fn send(
 }
 
 pub const ROUTE_HEAD: &str = "- apiVersion: gateway.networking.k8s.io/v1\n  kind: HTTPRoute\n";
+
+/// Access-log lines of every test in this binary (one global subscriber); tests filter by
+/// their own addresses.
+pub fn logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let w = buf.clone();
+        let make = move || LogWriter(w.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("access=info")
+            .with_ansi(false)
+            .with_writer(make)
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+pub struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
