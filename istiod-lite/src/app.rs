@@ -33,7 +33,7 @@ use crate::{
     config::{Config, SourceConfig},
     deploy::{self, Deployer},
     index::Index,
-    k8s, leader,
+    k8s, leader, route_status,
     source::{ManifestDir, Source},
     status,
     translate::{Settings, Translator},
@@ -180,6 +180,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<Bound> {
                 let (client, index) = (client.clone(), index_rx.clone());
                 leader::spawn_gated(leading, watcher.clone(), move |term| {
                     deployer.clone().spawn(index.clone(), term.clone());
+                    route_status::spawn(client.clone(), index.clone(), term.clone());
                     status::spawn(client.clone(), cond_rx.clone(), term);
                 });
             }

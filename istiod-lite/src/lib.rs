@@ -7,6 +7,7 @@
 //!                      delete/reset) ──────────► delta ADS (KubeObject, verbatim) ─► waypoints
 //!                        │
 //!                        └─► deploy: waypoint Gateways → SA/Deployment/Service + status (SSA),
+//!                            route status (HTTPRoute/GRPCRoute parents the mesh owns),
 //!                            on the elected leader only (a Lease)
 //! ```
 //!
@@ -21,6 +22,7 @@ pub mod deploy;
 pub mod index;
 pub mod k8s;
 pub mod leader;
+pub mod route_status;
 pub mod source;
 pub mod status;
 pub mod translate;

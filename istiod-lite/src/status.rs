@@ -48,10 +48,26 @@ fn same(w: &[Written], cs: &[&Condition]) -> bool {
         })
 }
 
+/// When a failed status write is tried again: 1 s doubling to [`BACKOFF_MAX`].
 #[derive(Debug, Default)]
-struct Retry {
+pub(crate) struct Retry {
     failures: u32,
-    at: Option<Instant>,
+    pub(crate) at: Option<Instant>,
+}
+
+impl Retry {
+    /// Records a failure; returns how long until the next try.
+    pub(crate) fn failed(&mut self) -> Duration {
+        self.failures += 1;
+        let wait =
+            Duration::from_secs(1u64 << self.failures.saturating_sub(1).min(6)).min(BACKOFF_MAX);
+        self.at = Some(Instant::now() + wait);
+        wait
+    }
+
+    pub(crate) fn due(&self, t: Instant) -> bool {
+        self.at.is_none_or(|at| at <= t)
+    }
 }
 
 fn condition_type(t: ConditionType) -> &'static str {
@@ -61,7 +77,7 @@ fn condition_type(t: ConditionType) -> &'static str {
     }
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now()))
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
@@ -135,10 +151,7 @@ async fn run(
         let t = Instant::now();
         for (key, cs) in &wanted {
             let prev = written.get(*key);
-            let due = retries
-                .get(*key)
-                .and_then(|r| r.at)
-                .is_none_or(|at| at <= t);
+            let due = retries.get(*key).is_none_or(|r| r.due(t));
             if prev.is_some_and(|w| same(w, cs)) || !due {
                 continue;
             }
@@ -181,11 +194,7 @@ async fn run(
                 // Deleted meanwhile: the next translation drops it.
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => {
-                    let r = retries.entry((*key).to_owned()).or_default();
-                    r.failures += 1;
-                    let wait = Duration::from_secs(1u64 << r.failures.saturating_sub(1).min(6))
-                        .min(BACKOFF_MAX);
-                    r.at = Some(Instant::now() + wait);
+                    let wait = retries.entry((*key).to_owned()).or_default().failed();
                     warn!(policy = %key, error = %e, retry_in_s = wait.as_secs(), "writing AuthorizationPolicy status failed (check that istiod-lite's ClusterRole allows patch on authorizationpolicies/status); retrying");
                 }
             }

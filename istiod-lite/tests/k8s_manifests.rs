@@ -329,4 +329,39 @@ async fn every_manifest_passes_server_dry_run_and_the_rbac_is_enough() {
     assert_eq!(cond["status"], "True", "{cond}");
     assert_eq!(cond["reason"], "Accepted", "{cond}");
     assert_eq!(cond["message"], format!("bound to {ns}/waypoint"), "{cond}");
+
+    // Route status, written as istiod (httproutes/status in the ClusterRole).
+    create::<k8s_openapi::api::core::v1::Service>(
+        c.ns_api(ns),
+        json!({"metadata": {"name": "reviews"}, "spec": {"ports": [{"port": 9080}]}}),
+    )
+    .await;
+    let routes: Api<DynamicObject> = Api::namespaced_with(
+        c.client(),
+        ns,
+        &ApiResource {
+            group: "gateway.networking.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "gateway.networking.k8s.io/v1".into(),
+            kind: "HTTPRoute".into(),
+            plural: "httproutes".into(),
+        },
+    );
+    let route: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "reviews"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                 "rules": [{"backendRefs": [{"name": "reviews", "port": 9080}]}]}
+    }))
+    .unwrap();
+    routes.create(&PostParams::default(), &route).await.unwrap();
+    eventually("the route's Accepted, written as istiod", || {
+        let routes = routes.clone();
+        async move {
+            let r = routes.get("reviews").await.ok()?;
+            let p = r.data.get("status")?.get("parents")?.get(0)?.clone();
+            (p["conditions"][0]["status"] == "True").then_some(())
+        }
+    })
+    .await;
 }
