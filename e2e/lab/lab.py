@@ -35,7 +35,7 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, HERE)
 import cnirt  # noqa: E402
 import waypoint_scenarios  # noqa: E402
-from labutil import (APP_PORT, TRUST_DOMAIN, VIP, VIP_PORT, LabError, ProcessDied, Steps,  # noqa: E402
+from labutil import (APP_PORT, GRPC_PORT, TRUST_DOMAIN, VIP, VIP_PORT, LabError, ProcessDied, Steps,  # noqa: E402
                      bold, check, log, nsx, run, short_access, show_access, wait_for, write_atomic)
 
 BIN = os.path.abspath(os.environ.get("MESH_LAB_BIN", os.path.join(REPO, "target", "release")))
@@ -287,7 +287,8 @@ class Lab:
                 "metadata": {"name": p["name"], "namespace": p["namespace"], "uid": p["uid"], "labels": p["labels"]},
                 "spec": {"nodeName": p["nodeName"], "serviceAccountName": p["sa"],
                          "containers": [{"name": p["app"], "image": f"lab/{p['app']}",
-                                         "ports": [{"name": "http", "containerPort": APP_PORT}] if p["app"] == "httpbin" else []}]},
+                                         "ports": [{"name": "http", "containerPort": APP_PORT}, {"name": "grpc", "containerPort": GRPC_PORT}]
+                                         if p["app"] == "httpbin" else []}]},
                 "status": status,
             }
             write_atomic(os.path.join(man, f"pod-{p['namespace']}-{p['name']}.yaml"), json.dumps(obj, indent=1))
@@ -311,7 +312,8 @@ class Lab:
         docs.append({"apiVersion": "v1", "kind": "Service",
                      "metadata": {"name": "httpbin", "namespace": "demo", "labels": svc_labels},
                      "spec": {"clusterIP": VIP, "selector": {"app": "httpbin"},
-                              "ports": [{"name": "http", "port": VIP_PORT, "targetPort": APP_PORT}]}})
+                              "ports": [{"name": "http", "port": VIP_PORT, "targetPort": APP_PORT},
+                                        {"name": "grpc", "port": GRPC_PORT, "targetPort": GRPC_PORT, "appProtocol": "grpc"}]}})
         write_atomic(os.path.join(man, "00-namespaces-services.yaml"), "\n---\n".join(json.dumps(d) for d in docs))
 
     # -- components --------------------------------------------------------------------------
@@ -472,7 +474,7 @@ class Lab:
         self.write_cluster()
         if spec["app"] == "httpbin":
             self.spawn(f"app-{spec['name']}", netns, [sys.executable, os.path.join(HERE, "apps", "httpbin.py"),
-                                                     str(APP_PORT), spec["name"]], {})
+                                                     str(APP_PORT), spec["name"], str(GRPC_PORT)], {})
         elif spec["app"] == "waypoint":
             # The environment istiod-lite's waypoint Deployment sets (istiod-lite/src/deploy/render.rs).
             self.spawn("waypoint", netns, [os.path.join(BIN, "waypoint")], {

@@ -8,6 +8,7 @@ import sys
 import time
 
 VIP, VIP_PORT, APP_PORT = "10.96.0.20", 8000, 8080
+GRPC_PORT = 9090  # httpbin's gRPC port, on the pod and on the Service (named grpc)
 TRUST_DOMAIN = "cluster.local"
 
 

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from labutil import (APP_PORT, TRUST_DOMAIN, VIP, VIP_PORT, GiveUp, LabError, check, fields, log, nsx, run,
+from labutil import (APP_PORT, GRPC_PORT, TRUST_DOMAIN, VIP, VIP_PORT, GiveUp, LabError, check, fields, log, nsx, run,
                      show_access, wait_for, write_atomic)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,6 +47,7 @@ DENY_ADMIN = policy("deny-admin", "DENY", GW, '  - to: [{operation: {paths: ["/a
 ALLOW_PUBLIC = policy("allow-public", "ALLOW", SVC,
                       f'  - from: [{{source: {{principals: ["{TRUST_DOMAIN}/ns/demo/sa/sleep"]}}}}]\n'
                       '    to: [{operation: {methods: ["GET"], paths: ["/public/*"]}}]\n')
+DENY_SECRET = policy("deny-grpc-secret", "DENY", GW, '  - to: [{operation: {paths: ["/lab.Echo/Secret"]}}]\n')
 DENY_HEADER = policy("deny-header", "DENY", GW, '  - when: [{key: "request.headers[x-lab-block]", values: ["yes"]}]\n')
 
 ISSUER = "lab-issuer"
@@ -220,6 +221,7 @@ def run_all(lab, say, sid, hid):
     mirror(c, say)
     rate_limit(c, say)
     h2(c, say)
+    grpc(c, say)
     websocket(c, say)
 
 
@@ -441,6 +443,55 @@ def h2(c, say):
     check(lines[0][1].get("status") == "200" and lines[0][1].get("protocol") == "http2", "the waypoint logged it: protocol http2, status 200")
     r = c.curl("/admin/h2", "--http2-prior-knowledge")
     check(r.code == 403 and r.version == "2", "L7 policy applies to h2 requests too: 403 over HTTP/2")
+
+
+def grpc(c, say):
+    cmd = f"$ ip netns exec {c.sleep['netns']} python3 e2e/lab/apps/client.py grpc {VIP} {GRPC_PORT}"
+    say(f"gRPC: unary calls to httpbin's port {GRPC_PORT} (named grpc, appProtocol grpc), the trailers back through the waypoint", [
+        "policy-deny-grpc-secret.yaml: DENY path /lab.Echo/Secret (targetRefs: the Gateway)",
+        f"{cmd} /lab.Echo/Say 'hello over gRPC'   (also /lab.Echo/Fail and /lab.Echo/Secret)"])
+    c.apply("policy-deny-grpc-secret.yaml", DENY_SECRET)
+    c.wait_config(["deny-admin", "deny-header", "deny-grpc-secret"], routes=["httpbin-traffic", "httpbin-limited"])
+    before = c.stats("httpbin")["hits"]
+    pos = c.wpos()
+    calls = {}
+    for method in ("/lab.Echo/Say", "/lab.Echo/Fail", "/lab.Echo/Secret"):
+        r = calls[method] = c.client("grpc", VIP, str(GRPC_PORT), method, "hello over gRPC", timeout=20)
+        log(f"    sleep -> {method}: HTTP/2 {r['status']} {r['headers'].get('content-type', '-')}  messages {r['messages']}  "
+            + ("trailers-only " + json.dumps({k: v for k, v in r["headers"].items() if k.startswith("grpc-")})
+               if r["trailers_only"] else f"trailers {json.dumps(r['trailers'])}") + (f"  error: {r['error']}" if r["error"] else ""))
+    echo = calls["/lab.Echo/Say"]
+    check(echo["status"] == 200 and echo["headers"].get("content-type") == "application/grpc" and not echo["error"],
+          "Say: HTTP 200, content-type application/grpc")
+    check(echo["messages"] == ["hello over gRPC"], "Say: the message came back (the echo's DATA frame)")
+    check(echo["trailers"].get("grpc-status") == "0" and echo["trailers"].get("grpc-message") == "ok",
+          "Say: the trailers arrived after the data: grpc-status 0, grpc-message ok")
+    fail = calls["/lab.Echo/Fail"]
+    check(fail["status"] == 200 and fail["messages"] == [] and fail["trailers"].get("grpc-status") == "5"
+          and fail["trailers"].get("grpc-message") == "no such thing", "Fail: trailers grpc-status 5 (NOT_FOUND), grpc-message no such thing")
+    sec = calls["/lab.Echo/Secret"]
+    check(sec["status"] == 200 and sec["trailers_only"] and sec["headers"].get("grpc-status") == "7"
+          and sec["headers"].get("grpc-message") == "RBAC: access denied",
+          "Secret: the waypoint's denial is a gRPC trailers-only reply, grpc-status 7 (PERMISSION_DENIED), RBAC: access denied")
+    after = c.stats("httpbin")["hits"]
+    seen = {k: after.get(k, 0) - before.get(k, 0) for k in (f"POST {m}" for m in calls)}
+    log(f"    httpbin counted: {seen}")
+    check(seen == {"POST /lab.Echo/Say": 1, "POST /lab.Echo/Fail": 1, "POST /lab.Echo/Secret": 0},
+          "httpbin answered Say and Fail once each and never saw Secret")
+    got = c.stats("httpbin")["last"].get("/lab.Echo/Say", {})
+    log(f"    httpbin saw Say with content-type: {got.get('content-type')}, te: {got.get('te')}")
+    check(got.get("content-type") == "application/grpc" and got.get("te") == "trailers",
+          "the waypoint passed content-type and te: trailers on to httpbin")
+    keys = ("src_identity", "method", "path", "protocol", "upstream_protocol", "status", "grpc_status", "policy", "upstream")
+    lines = {m: c.access(pos, m)[0] for m in calls}
+    for line in lines.values():
+        c.show_line(line, keys)
+    f = {m: lines[m][1] for m in calls}
+    check(all(f[m].get("protocol") == "grpc" for m in calls), "the waypoint's access log: protocol grpc for all three")
+    check(f["/lab.Echo/Say"].get("upstream_protocol") == "http2" and f["/lab.Echo/Fail"].get("upstream_protocol") == "http2",
+          "the waypoint's access log: upstream_protocol http2 (the port is grpc)")
+    check([f[m].get("grpc_status") for m in calls] == ["0", "5", "7"], "the waypoint's access log: grpc_status 0, 5 (from the trailers) and 7 (its own reply)")
+    check(f["/lab.Echo/Secret"].get("policy") == "demo/deny-grpc-secret", "the denied call's line names demo/deny-grpc-secret")
 
 
 def websocket(c, say):

@@ -5,6 +5,9 @@ It prints one JSON document.
                                                    status codes and replying servers counted
   python3 client.py ws HOST PORT PATH MESSAGE      a WebSocket upgrade, MESSAGE sent over the
                                                    upgraded connection and read back
+  python3 client.py grpc HOST PORT METHOD TEXT     one unary gRPC call over h2c (prior knowledge):
+                                                   TEXT as field 1 of a protobuf message; the reply's
+                                                   status, headers, messages and trailers
 """
 
 import base64
@@ -15,6 +18,10 @@ import os
 import socket
 import sys
 import threading
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import h2c  # noqa: E402  (its framing and HPACK decoder)
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
 
@@ -80,12 +87,68 @@ def ws(host, port, path, message):
             "upgrade": headers.get("upgrade", ""), "echo": echo.decode("latin-1")}
 
 
+def grpc(host, port, method, text):
+    """A unary call on stream 1: literal request headers (h2c.encode_fields), the server's
+    header blocks decoded with h2c's HPACK decoder (hyper Huffman-codes and indexes them)."""
+    raw = text.encode()
+    assert len(raw) < 128
+    msg = b"\x0a" + bytes([len(raw)]) + raw  # protobuf: field 1, length-delimited
+    s = socket.create_connection((host, int(port)), timeout=10)
+    rfile = s.makefile("rb")
+    block = h2c.encode_fields([(":method", "POST"), (":scheme", "http"), (":path", method),
+                               (":authority", f"{host}:{port}"), ("content-type", "application/grpc"),
+                               ("te", "trailers"), ("user-agent", "lab-grpc-client/1")])
+    s.sendall(h2c.PREFACE + h2c.frame(h2c.SETTINGS, 0, 0)
+              + h2c.frame(h2c.HEADERS, h2c.END_HEADERS, 1, block)
+              + h2c.frame(h2c.DATA, h2c.END_STREAM, 1, b"\x00" + len(msg).to_bytes(4, "big") + msg))
+    dec, blocks, data, block, ended, closing, error = h2c.Decoder(), [], b"", b"", False, False, None
+    while not ended:
+        f = h2c.read_frame(rfile)
+        if f is None:
+            error = "connection closed before the end of the stream"
+            break
+        ftype, flags, sid, payload, _ = f
+        if ftype == h2c.SETTINGS and not flags & h2c.ACK:
+            s.sendall(h2c.frame(h2c.SETTINGS, h2c.ACK, 0))
+        elif ftype == h2c.PING and not flags & h2c.ACK:
+            s.sendall(h2c.frame(h2c.PING, h2c.ACK, 0, payload))
+        elif ftype == h2c.GOAWAY:
+            error = f"GOAWAY code {int.from_bytes(payload[4:8], 'big')}"
+            break
+        elif sid != 1:
+            continue
+        elif ftype in (h2c.HEADERS, h2c.CONTINUATION):
+            block += payload
+            closing = bool(flags & h2c.END_STREAM) if ftype == h2c.HEADERS else closing
+            if flags & h2c.END_HEADERS:  # the block is complete (END_STREAM waits for it)
+                blocks.append(dec.decode(block))
+                block, ended = b"", closing
+        elif ftype == h2c.DATA:
+            data += payload
+            ended = bool(flags & h2c.END_STREAM)
+        elif ftype == h2c.RST_STREAM:
+            error = f"RST_STREAM code {int.from_bytes(payload[:4], 'big')}"
+            break
+    s.close()
+    head = dict(blocks[0]) if blocks else {}
+    messages = []
+    while len(data) >= 5:
+        n = int.from_bytes(data[1:5], "big")
+        m, data = data[5:5 + n], data[5 + n:]
+        messages.append(m[2:2 + m[1]].decode("latin-1") if m[:1] == b"\x0a" else m.hex())
+    return {"status": int(head.get(":status", 0)), "headers": {k: v for k, v in head.items() if k != ":status"},
+            "messages": messages, "trailers": dict(blocks[1]) if len(blocks) > 1 else {},
+            "trailers_only": len(blocks) == 1 and "grpc-status" in head, "error": error}
+
+
 if __name__ == "__main__":
     cmd, a = sys.argv[1], sys.argv[2:]
     if cmd == "burst":
         out = burst(a[0], int(a[1]), a[2], int(a[3]), int(a[4]))
     elif cmd == "ws":
         out = ws(a[0], a[1], a[2], a[3])
+    elif cmd == "grpc":
+        out = grpc(a[0], a[1], a[2], a[3])
     else:
         sys.exit(f"unknown command {cmd}")
     print(json.dumps(out))

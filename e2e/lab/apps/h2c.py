@@ -3,10 +3,12 @@ only, for the lab's httpbin: enough for a proxy's client to send requests and re
 
 What it does: the preface and SETTINGS exchange, HEADERS + CONTINUATION decoded with HPACK
 (RFC 7541: static and dynamic table, Huffman strings), DATA with flow-control credit given
-back, PING, RST_STREAM, GOAWAY; each request is answered (HEADERS, then DATA) from its own
-thread, so streams run concurrently on one connection. What it does not: priorities, server
-push, trailers, enforcing the peer's flow-control window (the replies are a few hundred bytes)
-or SETTINGS limits; a protocol error just closes the connection.
+back, PING, RST_STREAM, GOAWAY; each request is answered (HEADERS, then DATA, then trailers
+if the handler gives any, as gRPC needs) from its own thread, so streams run concurrently on
+one connection. What it does not: priorities, server push, request trailers, enforcing the
+peer's flow-control window (the replies are a few hundred bytes) or SETTINGS limits; a
+protocol error just closes the connection. apps/client.py's gRPC client reuses the framing
+and the HPACK decoder.
 """
 
 import struct
@@ -134,20 +136,43 @@ def _hpack_str(s):
     return bytes([len(b)]) + b
 
 
+def encode_fields(headers):
+    # Every field a literal without indexing (0000), name and value not Huffman-coded.
+    return b"".join(b"\x00" + _hpack_str(k.lower()) + _hpack_str(v) for k, v in headers)
+
+
 def encode_headers(status, headers):
-    # :status by its static name index (8), everything literal without indexing, no Huffman.
-    out = bytearray(b"\x08" + _hpack_str(str(status)))
-    for k, v in headers:
-        out += b"\x00" + _hpack_str(k.lower()) + _hpack_str(v)
-    return bytes(out)
+    # :status by its static name index (8), then the rest as encode_fields does.
+    return b"\x08" + _hpack_str(str(status)) + encode_fields(headers)
 
 
 def frame(ftype, flags, stream, payload=b""):
     return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack(">I", stream) + payload
 
 
+def read_frame(rfile):
+    """(type, flags, stream, payload, length on the wire): payload without padding (the length,
+    with it, is what flow control counts); None at EOF or on a short frame."""
+    head = rfile.read(9)
+    if len(head) < 9:
+        return None
+    length = int.from_bytes(head[:3], "big")
+    ftype, flags = head[3], head[4]
+    sid = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+    payload = rfile.read(length)
+    if len(payload) < length:
+        return None
+    if ftype in (DATA, HEADERS) and flags & PADDED:
+        payload = payload[1:len(payload) - payload[0]]
+    if ftype == HEADERS and flags & PRIO:
+        payload = payload[5:]
+    return ftype, flags, sid, payload, length
+
+
 def serve(rfile, wfile, handler, log=lambda m, p, s: None):
-    """Serves one connection. handler(method, path, [(name, value)], body) -> (status, headers, body)."""
+    """Serves one connection. handler(method, path, [(name, value)], body) -> (status, headers,
+    body) or (status, headers, body, trailers): with trailers, no content-length, and the
+    stream ends with a HEADERS frame of trailers."""
     if rfile.read(len(PREFACE)) != PREFACE:
         return
     lock = threading.Lock()
@@ -166,11 +191,17 @@ def serve(rfile, wfile, handler, log=lambda m, p, s: None):
     def answer(sid, st):
         hs = dict(st["headers"])
         try:
-            status, headers, body = handler(hs.get(":method", ""), hs.get(":path", ""),
-                                            [(k, v) for k, v in st["headers"] if not k.startswith(":")], bytes(st["body"]))
+            reply = handler(hs.get(":method", ""), hs.get(":path", ""),
+                            [(k, v) for k, v in st["headers"] if not k.startswith(":")], bytes(st["body"]))
         except Exception as e:  # noqa: BLE001 (an app error is a 500, not a dead connection)
-            status, headers, body = 500, [("content-type", "text/plain")], f"{e}\n".encode()
+            reply = 500, [("content-type", "text/plain")], f"{e}\n".encode()
+        status, headers, body, trailers = (*reply, None)[:4]
         log(hs.get(":method"), hs.get(":path"), status)
+        if trailers is not None:
+            send(frame(HEADERS, END_HEADERS, sid, encode_headers(status, headers)),
+                 *([frame(DATA, 0, sid, body)] if body else []),
+                 frame(HEADERS, END_HEADERS | END_STREAM, sid, encode_fields(trailers)))
+            return
         block = encode_headers(status, list(headers) + [("content-length", str(len(body)))])
         send(frame(HEADERS, END_HEADERS | (0 if body else END_STREAM), sid, block),
              *([frame(DATA, END_STREAM, sid, body)] if body else []))
@@ -182,22 +213,13 @@ def serve(rfile, wfile, handler, log=lambda m, p, s: None):
             threading.Thread(target=answer, args=(sid, streams.pop(sid)), daemon=True).start()
 
     while True:
-        head = rfile.read(9)
-        if len(head) < 9:
+        f = read_frame(rfile)
+        if f is None:
             return
-        length = int.from_bytes(head[:3], "big")
-        ftype, flags = head[3], head[4]
-        sid = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
-        payload = rfile.read(length)
-        if len(payload) < length:
-            return
+        ftype, flags, sid, payload, length = f
         if pending is not None and ftype != CONTINUATION:
             return  # a header block must not be interrupted
-        if ftype in (DATA, HEADERS) and flags & PADDED:
-            payload = payload[1:len(payload) - payload[0]]
         if ftype == HEADERS:
-            if flags & PRIO:
-                payload = payload[5:]
             streams[sid] = st = streams.get(sid) or {"body": bytearray()}
             st["block"], st["ended"] = payload, bool(flags & END_STREAM)
             if flags & END_HEADERS:

@@ -2,7 +2,7 @@
 small JSON document saying who served it and who the server saw as the client, so source-IP
 preservation (and the kubelet-probe SNAT) is visible in the reply.
 
-  python3 httpbin.py PORT NAME
+  python3 httpbin.py PORT NAME [GRPC_PORT]
 
 Besides the default reply (any path, GET or POST), what the waypoint scenarios need:
 
@@ -16,6 +16,11 @@ Besides the default reply (any path, GET or POST), what the waypoint scenarios n
 
 Every request is also logged to stderr (the app's log in the lab's logs dir). HTTP/2 with
 prior knowledge (h2c) is served too, by apps/h2c.py, with the same handlers.
+
+gRPC (over h2c, content-type application/grpc, on either port; the lab's Service names
+GRPC_PORT `grpc`): a unary echo for any method, counted as "POST <method path>". The reply is
+HTTP 200, the request's length-prefixed message as DATA, then trailers grpc-status 0,
+grpc-message ok; /lab.Echo/Fail gets no message and grpc-status 5 (NOT_FOUND).
 """
 
 import base64
@@ -71,6 +76,24 @@ def respond(server, method, path, headers, body_len, conn, protocol):
     return status, [("content-type", "application/json")], body
 
 
+def grpc_respond(server, path, headers, body):
+    """A unary gRPC echo: (status, headers, body, trailers)."""
+    count(server, "POST", path, headers)
+    head = [("content-type", "application/grpc")]
+    if path == "/lab.Echo/Fail":
+        return 200, head, b"", [("grpc-status", "5"), ("grpc-message", "no such thing")]
+    # The request is one length-prefixed message (1 byte compressed flag, 4 bytes length).
+    if len(body) < 5 or len(body) != 5 + int.from_bytes(body[1:5], "big"):
+        return 200, head, b"", [("grpc-status", "13"), ("grpc-message", f"bad framing ({len(body)} bytes)")]
+    return 200, head, body, [("grpc-status", "0"), ("grpc-message", "ok")]
+
+
+def h2_respond(handler, method, path, headers, body):
+    if dict(headers).get("content-type", "").startswith("application/grpc"):
+        return grpc_respond(handler.server, path, headers, body)
+    return respond(handler.server, method, path, headers, len(body), handler.connection, "HTTP/2")
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "lab-httpbin/1"
@@ -81,7 +104,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle(self):
         # HTTP/2 with prior knowledge starts with the connection preface instead of a request.
         if self.rfile.peek(len(h2c.PREFACE))[:len(h2c.PREFACE)] == h2c.PREFACE:
-            h2c.serve(self.rfile, self.wfile, lambda m, p, h, b: respond(self.server, m, p, h, len(b), self.connection, "HTTP/2"),
+            h2c.serve(self.rfile, self.wfile, lambda m, p, h, b: h2_respond(self, m, p, h, b),
                       log=lambda m, p, s: self._log(f'"{m} {p} HTTP/2" {s}'))
             return
         super().handle()
@@ -148,4 +171,8 @@ if __name__ == "__main__":
     srv.name = sys.argv[2] if len(sys.argv) > 2 else "httpbin"
     srv.lock = threading.Lock()
     srv.hits, srv.last = {}, {}
+    if len(sys.argv) > 3:  # the gRPC port: the same handlers and counters
+        grpc_srv = Server(("0.0.0.0", int(sys.argv[3])), Handler)
+        grpc_srv.name, grpc_srv.lock, grpc_srv.hits, grpc_srv.last = srv.name, srv.lock, srv.hits, srv.last
+        threading.Thread(target=grpc_srv.serve_forever, daemon=True).start()
     srv.serve_forever()
