@@ -27,9 +27,9 @@ use tracing::{Instrument, info_span, warn};
 
 use crate::{
     deploy::FIELD_MANAGER,
-    index::{Index, KubeObject},
+    index::Index,
     k8s::GATEWAY_GROUP,
-    status::{Retry, now},
+    status::{Retry, next_retry, now},
     waypoint::WAYPOINT_CLASS,
 };
 
@@ -63,15 +63,23 @@ pub struct RouteStatus {
     pub parents: Vec<ParentStatus>,
 }
 
-/// Validation results by object key, kept while the object's text is unchanged.
-#[derive(Debug, Default)]
-pub struct Cache {
-    checked: BTreeMap<String, (String, Result<(), String>)>,
+/// A route as parsed and validated, kept while its text is unchanged.
+#[derive(Debug)]
+struct Parsed {
+    json: String,
+    value: Value,
+    valid: Result<(), String>,
 }
 
-fn validate(o: &KubeObject) -> Result<(), String> {
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(&o.json).map_err(|e| format!("the object is not valid JSON: {e}"))?;
+/// Parsed routes by object key: an index change that leaves a route's text alone (most are
+/// pod changes) neither parses nor validates it again.
+#[derive(Debug, Default)]
+pub struct Cache {
+    parsed: BTreeMap<String, Parsed>,
+}
+
+fn validate(value: &Value) -> Result<(), String> {
+    let value = serde_yaml::to_value(value).map_err(|e| e.to_string())?;
     match waypoint::objects::parse_object(&value) {
         Ok(_) => Ok(()),
         Err(e) => Err(format!("{}: {}", e.field, e.reason)),
@@ -154,16 +162,33 @@ fn resolved_refs(idx: &Index, route_ns: &str, spec: &Value) -> Cond {
 /// with no parent the mesh owns are left out (their status belongs to another controller).
 pub fn desired(idx: &Index, cache: &mut Cache) -> BTreeMap<String, RouteStatus> {
     let mut out = BTreeMap::new();
-    let mut seen = Vec::new();
+    cache.parsed.retain(|k, _| idx.kube_objects.contains_key(k));
     for (key, o) in &idx.kube_objects {
         if !matches!(o.kind, "HTTPRoute" | "GRPCRoute") {
             continue;
         }
-        seen.push(key.clone());
-        let Ok(v) = serde_json::from_str::<Value>(&o.json) else {
+        if cache.parsed.get(key).is_none_or(|p| p.json != o.json) {
+            let Ok(value) = serde_json::from_str::<Value>(&o.json) else {
+                cache.parsed.remove(key);
+                continue;
+            };
+            let valid = validate(&value);
+            cache.parsed.insert(
+                key.clone(),
+                Parsed {
+                    json: o.json.clone(),
+                    value,
+                    valid,
+                },
+            );
+        }
+        let Some(Parsed {
+            value: v, valid, ..
+        }) = cache.parsed.get(key)
+        else {
             continue;
         };
-        let spec = v.get("spec").cloned().unwrap_or(Value::Null);
+        let spec = v.get("spec").unwrap_or(&Value::Null);
         let parents: Vec<(Value, bool)> = spec
             .get("parentRefs")
             .and_then(Value::as_array)
@@ -174,21 +199,11 @@ pub fn desired(idx: &Index, cache: &mut Cache) -> BTreeMap<String, RouteStatus> 
         if parents.is_empty() {
             continue;
         }
-        let valid = match cache.checked.get(key) {
-            Some((json, r)) if *json == o.json => r.clone(),
-            _ => {
-                let r = validate(o);
-                cache
-                    .checked
-                    .insert(key.clone(), (o.json.clone(), r.clone()));
-                r
-            }
-        };
-        let resolved = resolved_refs(idx, &o.namespace, &spec);
+        let resolved = resolved_refs(idx, &o.namespace, spec);
         let parents = parents
             .into_iter()
             .map(|(parent_ref, found)| {
-                let accepted = match (&valid, found) {
+                let accepted = match (valid, found) {
                     (_, false) => Cond {
                         type_: "Accepted",
                         status: false,
@@ -234,7 +249,6 @@ pub fn desired(idx: &Index, cache: &mut Cache) -> BTreeMap<String, RouteStatus> 
             },
         );
     }
-    cache.checked.retain(|k, _| seen.contains(k));
     out
 }
 
@@ -363,16 +377,9 @@ async fn run(
                 }
             }
         }
-        let next = retries.values().filter_map(|r| r.at).min();
-        let sleep = async {
-            match next {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             c = index.changed() => if c.is_err() { return },
-            () = sleep => {}
+            () = next_retry(&retries) => {}
             () = drain.signaled() => return,
         }
     }
@@ -381,6 +388,7 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::KubeObject;
 
     fn index(yaml: &str) -> Index {
         let mut idx = Index::default();

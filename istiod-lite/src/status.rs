@@ -70,6 +70,14 @@ impl Retry {
     }
 }
 
+/// Resolves when the earliest pending retry is due (never, when none is pending).
+pub(crate) async fn next_retry(retries: &BTreeMap<String, Retry>) {
+    match retries.values().filter_map(|r| r.at).min() {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn condition_type(t: ConditionType) -> &'static str {
     match t {
         ConditionType::ZtunnelAccepted => "ZtunnelAccepted",
@@ -199,16 +207,9 @@ async fn run(
                 }
             }
         }
-        let next = retries.values().filter_map(|r| r.at).min();
-        let sleep = async {
-            match next {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             c = conditions.changed() => if c.is_err() { return },
-            () = sleep => {}
+            () = next_retry(&retries) => {}
             () = drain.signaled() => return,
         }
     }

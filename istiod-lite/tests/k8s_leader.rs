@@ -14,7 +14,7 @@ use common::*;
 use k8s_openapi::api::{apps::v1::Deployment, coordination::v1::Lease};
 use kube::{
     Api,
-    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
+    api::{DynamicObject, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 
@@ -36,13 +36,7 @@ async fn gateway(c: &Cluster, ns: &str, name: &str) {
     let gws: Api<DynamicObject> = Api::namespaced_with(
         c.client(),
         ns,
-        &ApiResource {
-            group: "gateway.networking.k8s.io".into(),
-            version: "v1".into(),
-            api_version: "gateway.networking.k8s.io/v1".into(),
-            kind: "Gateway".into(),
-            plural: "gateways".into(),
-        },
+        &resource("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
     );
     let gw: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",

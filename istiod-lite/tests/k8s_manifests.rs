@@ -19,7 +19,7 @@ use common::*;
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap};
 use kube::{
     Api,
-    api::{ApiResource, DynamicObject, PostParams},
+    api::{DynamicObject, PostParams},
 };
 use serde_json::json;
 
@@ -235,13 +235,7 @@ async fn every_manifest_passes_server_dry_run_and_the_rbac_is_enough() {
     let gws: Api<DynamicObject> = Api::namespaced_with(
         c.client(),
         ns,
-        &ApiResource {
-            group: "gateway.networking.k8s.io".into(),
-            version: "v1".into(),
-            api_version: "gateway.networking.k8s.io/v1".into(),
-            kind: "Gateway".into(),
-            plural: "gateways".into(),
-        },
+        &resource("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
     );
     let gw: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
@@ -260,13 +254,12 @@ async fn every_manifest_passes_server_dry_run_and_the_rbac_is_enough() {
     let aps: Api<DynamicObject> = Api::namespaced_with(
         c.client(),
         ns,
-        &ApiResource {
-            group: "security.istio.io".into(),
-            version: "v1".into(),
-            api_version: "security.istio.io/v1".into(),
-            kind: "AuthorizationPolicy".into(),
-            plural: "authorizationpolicies".into(),
-        },
+        &resource(
+            "security.istio.io",
+            "v1",
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+        ),
     );
     let ap: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
@@ -339,13 +332,7 @@ async fn every_manifest_passes_server_dry_run_and_the_rbac_is_enough() {
     let routes: Api<DynamicObject> = Api::namespaced_with(
         c.client(),
         ns,
-        &ApiResource {
-            group: "gateway.networking.k8s.io".into(),
-            version: "v1".into(),
-            api_version: "gateway.networking.k8s.io/v1".into(),
-            kind: "HTTPRoute".into(),
-            plural: "httproutes".into(),
-        },
+        &resource("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
     );
     let route: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",

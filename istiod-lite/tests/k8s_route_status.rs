@@ -12,7 +12,7 @@ use common::*;
 use k8s_openapi::api::core::v1::Service;
 use kube::{
     Api,
-    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
+    api::{DynamicObject, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
 
@@ -20,13 +20,7 @@ fn routes(c: &Cluster, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(
         c.client(),
         ns,
-        &ApiResource {
-            group: "gateway.networking.k8s.io".into(),
-            version: "v1".into(),
-            api_version: "gateway.networking.k8s.io/v1".into(),
-            kind: "HTTPRoute".into(),
-            plural: "httproutes".into(),
-        },
+        &resource("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
     )
 }
 

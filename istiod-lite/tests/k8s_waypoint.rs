@@ -368,16 +368,6 @@ impl KubeXds {
     }
 }
 
-fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: group.into(),
-        version: version.into(),
-        api_version: format!("{group}/{version}"),
-        kind: kind.into(),
-        plural: plural.into(),
-    }
-}
-
 async fn create_dynamic(c: &Cluster, ns: &str, ar: &ApiResource, body: serde_json::Value) {
     let api: Api<DynamicObject> = Api::namespaced_with(c.client(), ns, ar);
     let mut body = body;

@@ -482,3 +482,14 @@ pub async fn ztunnel_pod(c: &Cluster, name: &str, node: &str) -> Pod {
     )
     .await
 }
+
+/// The API resource of a custom kind (`group/version`, its plural).
+pub fn resource(group: &str, version: &str, kind: &str, plural: &str) -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
