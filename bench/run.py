@@ -31,170 +31,19 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-HZ = os.sysconf("SC_CLK_TCK")
-PORT_IPERF, PORT_SOCKPERF, PORT_ECHO = 5201, 11111, 7000
-CLI_IP, NA_CLI, NA_NB, NB_NA, NB_SRV, SRV_IP = (
-    "198.18.1.2", "198.18.1.1", "198.18.2.1", "198.18.2.2", "198.18.3.1", "198.18.3.2")
-LOAD_CPU, PROXY_CPU = "0", "1"
-
-
-def log(*a):
-    print("[bench]", *a, file=sys.stderr, flush=True)
-
-
-def sh(*args, check=True, capture=False, **kw):
-    r = subprocess.run(list(args), check=False, text=True,
-                       stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, **kw)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r.stdout if capture else r
-
-
-def _nofile():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
-
-
-class Lab:
-    """The four namespaces and every process started in them."""
-
-    def __init__(self):
-        tag = f"{os.getpid() % 100000}"
-        self.ns = {k: f"mb{tag}{k}" for k in ("cli", "na", "nb", "srv")}
-        self.procs = []  # Popen objects, killed by PID
-
-    def create(self):
-        n = self.ns
-        for name in n.values():
-            sh("ip", "netns", "add", name)
-        pairs = [("cli", "c0", CLI_IP, "na", "a0", NA_CLI),
-                 ("na", "a1", NA_NB, "nb", "b1", NB_NA),
-                 ("nb", "b0", NB_SRV, "srv", "s0", SRV_IP)]
-        for left, lif, lip, right, rif, rip in pairs:
-            sh("ip", "-n", n[left], "link", "add", lif, "type", "veth", "peer", "name", rif,
-               "netns", n[right])
-            sh("ip", "-n", n[left], "addr", "add", f"{lip}/24", "dev", lif)
-            sh("ip", "-n", n[right], "addr", "add", f"{rip}/24", "dev", rif)
-            sh("ip", "-n", n[left], "link", "set", lif, "up")
-            sh("ip", "-n", n[right], "link", "set", rif, "up")
-        for name in n.values():
-            sh("ip", "-n", name, "link", "set", "lo", "up")
-        for node in ("na", "nb"):
-            sh("ip", "netns", "exec", n[node], "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        sh("ip", "-n", n["cli"], "route", "add", "default", "via", NA_CLI)
-        sh("ip", "-n", n["srv"], "route", "add", "default", "via", NB_SRV)
-        sh("ip", "-n", n["na"], "route", "add", "198.18.3.0/24", "via", NB_NA)
-        sh("ip", "-n", n["nb"], "route", "add", "198.18.1.0/24", "via", NA_NB)
-
-    def spawn(self, ns, args, cpu=None, env=None, stdout=None):
-        cmd = ["ip", "netns", "exec", self.ns[ns]]
-        if cpu is not None:
-            cmd += ["taskset", "-c", cpu]
-        p = subprocess.Popen(cmd + list(args), env=env, stdout=stdout or subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, preexec_fn=_nofile, text=True)
-        self.procs.append(p)
-        return p
-
-    def run(self, ns, args, cpu=None, timeout=120):
-        cmd = ["ip", "netns", "exec", self.ns[ns]]
-        if cpu is not None:
-            cmd += ["taskset", "-c", cpu]
-        r = subprocess.run(cmd + list(args), text=True, capture_output=True, timeout=timeout,
-                           preexec_fn=_nofile)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} in {ns} failed: {r.stderr.strip()[-500:]}")
-        return r.stdout
-
-    def stop(self, procs):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            if p in self.procs:
-                self.procs.remove(p)
-
-    def destroy(self):
-        self.stop(list(self.procs))
-        for name in self.ns.values():
-            subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
-
-
-def busy_jiffies():
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal
-    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
-
-
-def proc_cpu(pid):
-    """utime + stime of every thread of `pid`, in seconds."""
-    total = 0
-    try:
-        for t in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{t}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    except FileNotFoundError:
-        pass
-    return total / HZ
-
-
-def proc_mem(pid):
-    """(RSS, PSS) in KiB."""
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return rss, pss
-
-
-def child_pid(popen):
-    """The real process under `ip netns exec taskset ...` (exec'd, so the same PID)."""
-    return popen.pid
-
-
-class Sut:
-    name = "?"
-    target = SRV_IP
-
-    def __init__(self, lab, work):
-        self.lab, self.work, self.procs = lab, work, []
-
-    def start(self):
-        pass
-
-    def stop(self):
-        self.lab.stop(self.procs)
-        self.procs = []
-
-    def proxy_pids(self):
-        return [child_pid(p) for p in self.procs]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    CLI_IP, LOAD_CPU, NA_CLI, NB_NA, PORT_ECHO, PORT_IPERF, PORT_SOCKPERF, PROXY_CPU, ROOT,
+    SRV_IP, Lab, Sut, cpu_window, log, median_range, proc_mem, sh)
+import wseries  # noqa: E402
 
 
 class NoMesh(Sut):
@@ -307,15 +156,6 @@ class Ztunnel(Sut):
 
 
 # ---------- scenarios: each returns a dict of metrics for one SUT run ----------
-
-def cpu_window(sut, fn):
-    j0, p0 = busy_jiffies(), [proc_cpu(p) for p in sut.proxy_pids()]
-    t0 = time.time()
-    out = fn()
-    wall = time.time() - t0
-    j1, p1 = busy_jiffies(), [proc_cpu(p) for p in sut.proxy_pids()]
-    return out, (j1 - j0) / HZ, sum(b - a for a, b in zip(p0, p1)), wall
-
 
 def iperf(lab, sut, seconds, streams=1, reverse=False):
     srv = lab.spawn("srv", ["iperf3", "-s", "-1", "-p", str(PORT_IPERF)], cpu=LOAD_CPU)
@@ -432,15 +272,8 @@ def versions():
             "avx512f": " avx512f" in flags, "kernel": platform.release(),
             "commit": commit + ("-dirty" if dirty else ""),
             "iperf3": first(["iperf3", "--version"]), "sockperf": first(["sockperf", "--version"]),
-            "socat": first(["socat", "-V"]), "rustc": first(["rustc", "--version"])}
-
-
-def median_range(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None
-    return {"median": round(statistics.median(xs), 4), "min": round(min(xs), 4),
-            "max": round(max(xs), 4), "n": len(xs)}
+            "socat": first(["socat", "-V"]), "rustc": first(["rustc", "--version"]),
+            "nginx": first(["nginx", "-v"]), "wrk": first(["wrk", "-v"])}
 
 
 def summarize(reps, suts):
@@ -538,16 +371,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer, shorter repetitions (<3 min)")
     ap.add_argument("--reps", type=int)
-    ap.add_argument("--scenarios", default="L1,L1R,L2,L3,L5,L6,L7")
+    ap.add_argument("--scenarios", default="L1,L1R,L2,L3,L5,L6,L7,W1,W3",
+                    help="comma-separated; W1 and W3 are the waypoint against nginx")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--external", help="path of another ztunnel binary to compare (e.g. Istio's)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (network namespaces, iptables)")
-    for tool in ("iperf3", "sockperf", "socat", "iptables", "taskset"):
+    scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    w_kinds = {s for s in scenarios if s in ("W1", "W3")}
+    needed = ("iperf3", "sockperf", "socat", "iptables", "taskset") + (
+        wseries.TOOLS if w_kinds else ())
+    for tool in needed:
         if not shutil.which(tool):
-            sys.exit(f"bench: {tool} is missing (make bench installs iperf3 sockperf socat)")
+            sys.exit(f"bench: {tool} is missing (make bench-deps installs the tools)")
     quick = a.quick
     reps = a.reps or (3 if quick else 5)
     t_bulk = 3 if quick else 10
@@ -555,13 +393,14 @@ def main():
     t_conn = 2 if quick else 5
     l7_counts = [1000] if quick else [1000, 10000]
     l7_settle = 8 if quick else 60
-    scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    t_http = 2 if quick else 5
     release = ROOT / "target" / "release"
     zt, tool, meshctl = release / "ztunnel", release / "mesh-bench", release / "meshctl"
-    for b in (zt, tool, meshctl):
+    wp = release / "waypoint"
+    for b in (zt, tool, meshctl) + ((wp,) if w_kinds else ()):
         if not b.exists():
             sys.exit(f"bench: {b} missing; run `cargo build --release -p ztunnel -p mesh-bench "
-                     "-p meshctl` (make bench does)")
+                     "-p meshctl -p waypoint` (make bench does)")
 
     work = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
     (work / "local.yaml").write_text(LOCAL_CONFIG)
@@ -570,12 +409,12 @@ def main():
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"started": started, "machine": versions(),
               "settings": {"quick": quick, "reps": reps, "bulk_s": t_bulk, "latency_s": t_lat,
-                           "connrate_s": t_conn, "l7_counts": l7_counts, "l7_settle_s": l7_settle,
+                           "connrate_s": t_conn, "http_s": t_http, "l7_counts": l7_counts, "l7_settle_s": l7_settle,
                            "workers": a.workers, "pinning": f"load cpu {LOAD_CPU}, proxies cpu "
                            f"{PROXY_CPU}", "cipher": "rustls default order (AES-128-GCM first)",
                            "kx": "X25519", "certs": "ECDSA P-256 from a local root",
                            "log_level": "warn", "allocator": "jemalloc (ztunnel's global allocator)"},
-              "reps": [], "L7": {}, "errors": []}
+              "reps": [], "L7": {}, "W": [], "errors": []}
 
     def stop_all(*_):
         lab.destroy()
@@ -620,9 +459,10 @@ def main():
                 return connrate(lab, sut, t or t_conn, str(tool))
             raise ValueError(scn)
 
-        timed = [s for s in scenarios if s != "L7"]
-        log(f"warm-up: one short untimed pass per SUT and scenario ({', '.join(timed)})")
-        for sut in suts:
+        timed = [s for s in scenarios if s not in ("L7", "W1", "W3")]
+        if timed:
+            log(f"warm-up: one short untimed pass per SUT and scenario ({', '.join(timed)})")
+        for sut in suts if timed else []:
             if not any(runs(sut, scn) for scn in timed):
                 continue
             sut.start()
@@ -632,7 +472,7 @@ def main():
                         one(scn, sut, short=True)
             finally:
                 sut.stop()
-        for rep in range(reps):
+        for rep in range(reps if timed else 0):
             order = suts[rep % len(suts):] + suts[:rep % len(suts)]
             row = {}
             log(f"repetition {rep + 1}/{reps}: {' '.join(s.name for s in order)}")
@@ -665,11 +505,15 @@ def main():
                             result["errors"].append(f"L7 {count} {sut.name}: {m['failed']} failed")
                     finally:
                         sut.stop()
+        if w_kinds:
+            result["W"] = wseries.run_all(lab, work, w_kinds, reps, t_http, quick, str(tool),
+                                          str(zt), str(wp), a.workers, result["errors"])
     finally:
         lab.destroy()
         shutil.rmtree(work, ignore_errors=True)
 
     detail = summarize(result["reps"], names)
+    detail.update(wseries.summarize(result["W"]))
     result["summary_detail"] = detail
     result["summary"] = flat_summary(detail)
     for count, by_sut in result["L7"].items():
@@ -694,6 +538,13 @@ def main():
         "and L7 connection echoes a byte end to end; errors: "
         f"{len(result['errors'])}",
         "the no-mesh and ruler numbers are from the same run (in result.reps)",
+    ] + ([
+        f"W-series: {result['machine']['nginx']}, {result['machine']['wrk']}; backend nginx "
+        "(1 worker, 1 KiB) on the load core; proxy on core 1: a one-worker nginx (TLS 1.3, "
+        "P-256, X25519, AES-128-GCM, no session cache/tickets, upstream keep-alive) or our "
+        "waypoint (1 worker thread) behind the client's ztunnel on the load core; wrk/"
+        "http-rate responses checked (2xx, 1 KiB body), socket errors counted",
+    ] if result["W"] else []) + [
         "machine is shared and noisy: only ratios from this run mean anything",
     ]
     out = Path(a.out)

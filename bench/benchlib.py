@@ -1,0 +1,188 @@
+"""What the benchmark scripts share: the four-namespace topology, process control, and CPU
+and memory accounting from /proc (performance.md §4.1-§4.2).
+
+Everything started through a `Lab` is killed by PID and every namespace it made is deleted
+by name; nothing else on the machine is touched.
+"""
+
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HZ = os.sysconf("SC_CLK_TCK")
+PORT_IPERF, PORT_SOCKPERF, PORT_ECHO = 5201, 11111, 7000
+CLI_IP, NA_CLI, NA_NB, NB_NA, NB_SRV, SRV_IP = (
+    "198.18.1.2", "198.18.1.1", "198.18.2.1", "198.18.2.2", "198.18.3.1", "198.18.3.2")
+LOAD_CPU, PROXY_CPU = "0", "1"
+
+
+def log(*a):
+    print("[bench]", *a, file=sys.stderr, flush=True)
+
+
+def sh(*args, check=True, capture=False, **kw):
+    r = subprocess.run(list(args), check=False, text=True,
+                       stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout if capture else r
+
+
+def _nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+
+
+class Lab:
+    """The four namespaces and every process started in them."""
+
+    def __init__(self):
+        tag = f"{os.getpid() % 100000}"
+        self.ns = {k: f"mb{tag}{k}" for k in ("cli", "na", "nb", "srv")}
+        self.procs = []  # Popen objects, killed by PID
+
+    def create(self):
+        n = self.ns
+        for name in n.values():
+            sh("ip", "netns", "add", name)
+        pairs = [("cli", "c0", CLI_IP, "na", "a0", NA_CLI),
+                 ("na", "a1", NA_NB, "nb", "b1", NB_NA),
+                 ("nb", "b0", NB_SRV, "srv", "s0", SRV_IP)]
+        for left, lif, lip, right, rif, rip in pairs:
+            sh("ip", "-n", n[left], "link", "add", lif, "type", "veth", "peer", "name", rif,
+               "netns", n[right])
+            sh("ip", "-n", n[left], "addr", "add", f"{lip}/24", "dev", lif)
+            sh("ip", "-n", n[right], "addr", "add", f"{rip}/24", "dev", rif)
+            sh("ip", "-n", n[left], "link", "set", lif, "up")
+            sh("ip", "-n", n[right], "link", "set", rif, "up")
+        for name in n.values():
+            sh("ip", "-n", name, "link", "set", "lo", "up")
+        for node in ("na", "nb"):
+            sh("ip", "netns", "exec", n[node], "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        sh("ip", "-n", n["cli"], "route", "add", "default", "via", NA_CLI)
+        sh("ip", "-n", n["srv"], "route", "add", "default", "via", NB_SRV)
+        sh("ip", "-n", n["na"], "route", "add", "198.18.3.0/24", "via", NB_NA)
+        sh("ip", "-n", n["nb"], "route", "add", "198.18.1.0/24", "via", NA_NB)
+
+    def spawn(self, ns, args, cpu=None, env=None, stdout=None):
+        cmd = ["ip", "netns", "exec", self.ns[ns]]
+        if cpu is not None:
+            cmd += ["taskset", "-c", cpu]
+        p = subprocess.Popen(cmd + list(args), env=env, stdout=stdout or subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, preexec_fn=_nofile, text=True)
+        self.procs.append(p)
+        return p
+
+    def run(self, ns, args, cpu=None, timeout=120):
+        cmd = ["ip", "netns", "exec", self.ns[ns]]
+        if cpu is not None:
+            cmd += ["taskset", "-c", cpu]
+        r = subprocess.run(cmd + list(args), text=True, capture_output=True, timeout=timeout,
+                           preexec_fn=_nofile)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} in {ns} failed: {r.stderr.strip()[-500:]}")
+        return r.stdout
+
+    def stop(self, procs):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p in self.procs:
+                self.procs.remove(p)
+
+    def destroy(self):
+        self.stop(list(self.procs))
+        for name in self.ns.values():
+            subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+
+
+def busy_jiffies():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+
+
+def proc_cpu(pid):
+    """utime + stime of every thread of `pid`, in seconds."""
+    total = 0
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    except FileNotFoundError:
+        pass
+    return total / HZ
+
+
+def proc_mem(pid):
+    """(RSS, PSS) in KiB."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return rss, pss
+
+
+def child_pid(popen):
+    """The real process under `ip netns exec taskset ...` (exec'd, so the same PID)."""
+    return popen.pid
+
+
+class Sut:
+    name = "?"
+    target = SRV_IP
+
+    def __init__(self, lab, work):
+        self.lab, self.work, self.procs = lab, work, []
+
+    def start(self):
+        pass
+
+    def stop(self):
+        self.lab.stop(self.procs)
+        self.procs = []
+
+    def proxy_pids(self):
+        return [child_pid(p) for p in self.procs]
+
+
+
+def cpu_window(sut, fn):
+    j0, p0 = busy_jiffies(), [proc_cpu(p) for p in sut.proxy_pids()]
+    t0 = time.time()
+    out = fn()
+    wall = time.time() - t0
+    j1, p1 = busy_jiffies(), [proc_cpu(p) for p in sut.proxy_pids()]
+    return out, (j1 - j0) / HZ, sum(b - a for a, b in zip(p0, p1)), wall
+
+
+
+def median_range(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"median": round(statistics.median(xs), 4), "min": round(min(xs), 4),
+            "max": round(max(xs), 4), "n": len(xs)}
