@@ -486,7 +486,8 @@ class Lab:
                 "TRUST_DOMAIN": TRUST_DOMAIN, "CLUSTER_ID": "Kubernetes",
                 "POD_NAME": spec["name"], "POD_NAMESPACE": spec["namespace"], "INSTANCE_IP": ip,
                 "SERVICE_ACCOUNT": spec["sa"], "NODE_NAME": spec["node"], "GATEWAY_NAME": "waypoint",
-                "RUST_LOG": "info",
+                # One worker (the benchmark's setting): the lab exercises the single-thread runtime.
+                "WORKER_THREADS": "1", "RUST_LOG": "info",
             })
         else:
             self.spawn(f"app-{spec['name']}", netns, ["sleep", "infinity"], {})

@@ -32,12 +32,16 @@ fn main() -> std::process::ExitCode {
         Ok(s) => tracing::info!(config = %s, "starting"),
         Err(e) => tracing::warn!(error = %e, "config not printable"),
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.worker_threads)
-        .thread_name("waypoint-proxy")
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime. Every task then runs where it is woken, with
+    // no work-stealing queues or cross-thread wake-ups (W1: see bench/README.md).
+    let mut builder = if cfg.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(cfg.worker_threads);
+        b
+    };
+    let rt = match builder.thread_name("waypoint-proxy").enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("starting the runtime: {e}");
