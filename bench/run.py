@@ -19,6 +19,7 @@ Systems under test (SUTs):
 Scenarios: L1 iperf3 1 stream (fwd and reverse), L2 iperf3 -P 4, L3 sockperf ping-pong
 64 B, L5 new connections/s over the pooled tunnel, L6 new connections/s with a new mTLS
 tunnel each (nomesh, ruler, ours_unpooled), L7 idle memory per proxied connection.
+W1 and W3 compare our waypoint with nginx as HTTP proxies (their own SUTs: wseries.py).
 
 Safety: the namespaces are created with unique names, have no route to any real
 interface, and everything this script starts is killed by PID and every namespace it made
