@@ -158,10 +158,10 @@ class Ztunnel(Sut):
 
 # ---------- scenarios: each returns a dict of metrics for one SUT run ----------
 
-def iperf(lab, sut, seconds, streams=1, reverse=False):
+def iperf(lab, sut, seconds, streams=1, reverse=False, omit=2):
     srv = lab.spawn("srv", ["iperf3", "-s", "-1", "-p", str(PORT_IPERF)], cpu=LOAD_CPU)
     time.sleep(0.3)
-    args = ["iperf3", "-c", sut.target, "-p", str(PORT_IPERF), "-t", str(seconds), "-O", "2",
+    args = ["iperf3", "-c", sut.target, "-p", str(PORT_IPERF), "-t", str(seconds), "-O", str(omit),
             "-J", "-P", str(streams)] + (["-R"] if reverse else [])
     try:
         out, sys_cpu, proxy_cpu, _ = cpu_window(sut, lambda: lab.run("cli", args, cpu=LOAD_CPU,
@@ -368,19 +368,25 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
+ALL_SCENARIOS = "L1,L1R,L2,L3,L5,L6,L7,W1,W3"
+# bench-quick must stay under 3 minutes on these 2-core machines.
+QUICK_SCENARIOS = "L1,L3,L5,L7,W1,W3"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer, shorter repetitions (<3 min)")
     ap.add_argument("--reps", type=int)
-    ap.add_argument("--scenarios", default="L1,L1R,L2,L3,L5,L6,L7,W1,W3",
-                    help="comma-separated; W1 and W3 are the waypoint against nginx")
+    ap.add_argument("--scenarios", help="comma-separated (default: all; with --quick: "
+                    f"{QUICK_SCENARIOS}); W1 and W3 are the waypoint against nginx")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--external", help="path of another ztunnel binary to compare (e.g. Istio's)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (network namespaces, iptables)")
-    scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    chosen = a.scenarios or (QUICK_SCENARIOS if a.quick else ALL_SCENARIOS)
+    scenarios = [s.strip() for s in chosen.split(",") if s.strip()]
     w_kinds = {s for s in scenarios if s in ("W1", "W3")}
     needed = ("iperf3", "sockperf", "socat", "iptables", "taskset") + (
         wseries.TOOLS if w_kinds else ())
@@ -389,11 +395,12 @@ def main():
             sys.exit(f"bench: {tool} is missing (make bench-deps installs the tools)")
     quick = a.quick
     reps = a.reps or (3 if quick else 5)
-    t_bulk = 3 if quick else 10
-    t_lat = 3 if quick else 10
-    t_conn = 2 if quick else 5
+    t_bulk = 2 if quick else 10
+    omit = 1 if quick else 2
+    t_lat = 2 if quick else 10
+    t_conn = 1 if quick else 5
     l7_counts = [1000] if quick else [1000, 10000]
-    l7_settle = 8 if quick else 60
+    l7_settle = 5 if quick else 60
     t_http = 2 if quick else 5
     release = ROOT / "target" / "release"
     zt, tool, meshctl = release / "ztunnel", release / "mesh-bench", release / "meshctl"
@@ -409,7 +416,7 @@ def main():
     lab = Lab()
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"started": started, "machine": versions(),
-              "settings": {"quick": quick, "reps": reps, "bulk_s": t_bulk, "latency_s": t_lat,
+              "settings": {"quick": quick, "reps": reps, "bulk_s": t_bulk, "iperf_omit_s": omit, "latency_s": t_lat,
                            "connrate_s": t_conn, "http_s": t_http, "l7_counts": l7_counts, "l7_settle_s": l7_settle,
                            "workers": a.workers, "pinning": f"load cpu {LOAD_CPU}, proxies cpu "
                            f"{PROXY_CPU}", "cipher": "rustls default order (AES-128-GCM first)",
@@ -449,11 +456,11 @@ def main():
         def one(scn, sut, short=False):
             t = 1 if short else None
             if scn == "L1":
-                return iperf(lab, sut, t or t_bulk)
+                return iperf(lab, sut, t or t_bulk, omit=omit)
             if scn == "L1R":
-                return iperf(lab, sut, t or t_bulk, reverse=True)
+                return iperf(lab, sut, t or t_bulk, reverse=True, omit=omit)
             if scn == "L2":
-                return iperf(lab, sut, t or t_bulk, streams=4)
+                return iperf(lab, sut, t or t_bulk, streams=4, omit=omit)
             if scn == "L3":
                 return sockperf(lab, sut, t or t_lat)
             if scn in ("L5", "L6"):
@@ -532,7 +539,7 @@ def main():
         f"{reps} interleaved repetitions (rotated order), ratios per repetition, median and "
         f"min-max reported; spread of ours/nomesh L1: "
         f"{', '.join(f'{x:.0%}' for x in spreads) or 'n/a'}",
-        "warm-up: one untimed pass per SUT and scenario; iperf3 -O 2 drops the first 2 s",
+        f"warm-up: one untimed pass per SUT and scenario; iperf3 -O {omit} drops the first {omit} s",
         f"cipher/KX/certs: {result['settings']['cipher']} / X25519 / ECDSA P-256",
         f"worker threads: {a.workers}; allocator: jemalloc (ztunnel's); log level: warn",
         "correctness: iperf3 byte counts from both ends, sockperf completes, every connrate "
