@@ -73,12 +73,12 @@ clean:
 
 ## bench: the full benchmark (netns topology, nomesh/ruler/ours side by side; root). Not part of `make test`.
 bench: bench-deps
-	$(CARGO) build --release --locked -p ztunnel -p mesh-bench -p meshctl -p waypoint
+	$(CARGO) build --release --locked -p ztunnel -p mesh-bench -p meshctl -p waypoint -p cni-plugin
 	python3 bench/run.py $(BENCH_ARGS)
 
 ## bench-quick: the same in under 3 minutes (fewer, shorter repetitions).
 bench-quick: bench-deps
-	$(CARGO) build --release --locked -p ztunnel -p mesh-bench -p meshctl -p waypoint
+	$(CARGO) build --release --locked -p ztunnel -p mesh-bench -p meshctl -p waypoint -p cni-plugin
 	python3 bench/run.py --quick $(BENCH_ARGS)
 
 ## callgrind: instruction counts of the micro-benchmarks against bench/baseline/callgrind.json.

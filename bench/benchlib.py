@@ -22,6 +22,13 @@ CLI_IP, NA_CLI, NA_NB, NB_NA, NB_SRV, SRV_IP = (
 LOAD_CPU, PROXY_CPU = "0", "1"
 
 
+def hbone_workload(name, ip, node):
+    """One HBONE pod of namespace `bench` in a local config file (LOCAL_XDS_PATH format)."""
+    return (f"- uid: bench/{name}\n  name: {name}\n  namespace: bench\n"
+            f"  serviceAccount: {name}\n  workloadIps: [{ip}]\n  protocol: HBONE\n"
+            f"  node: {node}\n")
+
+
 def log(*a):
     print("[bench]", *a, file=sys.stderr, flush=True)
 
@@ -117,16 +124,15 @@ def busy_jiffies():
 
 
 def proc_cpu(pid):
-    """utime + stime of every thread of `pid`, in seconds."""
-    total = 0
+    """CPU seconds of process `pid`: utime + stime of all its threads, exited ones included,
+    plus cutime + cstime of its reaped children (socat forks one per connection)."""
     try:
-        for t in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{t}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    except FileNotFoundError:
-        pass
-    return total / HZ
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    # Fields 14-17 of stat(5), counted from 1; the split starts at field 3 (state).
+    return sum(int(x) for x in fields[11:15]) / HZ
 
 
 def proc_mem(pid):
@@ -146,12 +152,10 @@ def proc_mem(pid):
     return rss, pss
 
 
-def child_pid(popen):
-    """The real process under `ip netns exec taskset ...` (exec'd, so the same PID)."""
-    return popen.pid
-
-
 class Sut:
+    """A system under test: `start`/`stop` its processes (started through the Lab, so they
+    are killed by PID), `proxy_pids` is whose CPU and memory are charged to it, and
+    `target` is the address the load tools connect to."""
     name = "?"
     target = SRV_IP
 
@@ -166,18 +170,20 @@ class Sut:
         self.procs = []
 
     def proxy_pids(self):
-        return [child_pid(p) for p in self.procs]
-
+        # `ip netns exec` and `taskset` exec the command, so the Popen PID is the proxy's.
+        return [p.pid for p in self.procs]
 
 
 def cpu_window(sut, fn):
-    j0, p0 = busy_jiffies(), [proc_cpu(p) for p in sut.proxy_pids()]
-    t0 = time.time()
+    """Runs `fn`; returns its result, system-wide busy CPU seconds, the SUT's processes' CPU
+    seconds, and the wall time."""
+    pids = sut.proxy_pids()
+    j0, p0 = busy_jiffies(), [proc_cpu(p) for p in pids]
+    t0 = time.monotonic()
     out = fn()
-    wall = time.time() - t0
-    j1, p1 = busy_jiffies(), [proc_cpu(p) for p in sut.proxy_pids()]
-    return out, (j1 - j0) / HZ, sum(b - a for a, b in zip(p0, p1)), wall
-
+    wall = time.monotonic() - t0
+    j1, p1 = busy_jiffies(), [proc_cpu(p) for p in pids]
+    return out, (j1 - j0) / HZ, sum(max(b - a, 0.0) for a, b in zip(p0, p1)), wall
 
 
 def median_range(xs):
@@ -186,3 +192,38 @@ def median_range(xs):
         return None
     return {"median": round(statistics.median(xs), 4), "min": round(min(xs), 4),
             "max": round(max(xs), 4), "n": len(xs)}
+
+
+def wait_until(lab, ns, argv, what, timeout=20):
+    """Runs `argv` in namespace `ns` every 0.1 s until it exits 0; raises after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = subprocess.run(["ip", "netns", "exec", lab.ns[ns]] + list(argv),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if r.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready after {timeout} s")
+        time.sleep(0.1)
+
+
+def wait_http(lab, ns, url, what, timeout=20):
+    """Waits until a GET of `url` from namespace `ns` answers 200."""
+    probe = ("import urllib.request,sys;"
+             f"sys.exit(0 if urllib.request.urlopen('{url}',timeout=1).status==200 else 1)")
+    wait_until(lab, ns, ["python3", "-c", probe], f"{what} ({url})", timeout)
+
+
+CAPTURE_RULE = ["OUTPUT", "-p", "tcp", "!", "-o", "lo", "-m", "mark", "!", "--mark",
+                "0x539/0xfff", "-j", "REDIRECT", "--to-ports", "15001"]
+
+
+def capture_outbound(lab, ns):
+    """Dedicated-mode capture in `ns`: its TCP egress (but ztunnel's own, mark 0x539) to :15001."""
+    sh("ip", "netns", "exec", lab.ns[ns], "iptables", "-t", "nat", "-A", *CAPTURE_RULE)
+
+
+def release_capture(lab, ns):
+    """Deletes the rule `capture_outbound` added (and nothing else)."""
+    subprocess.run(["ip", "netns", "exec", lab.ns[ns], "iptables", "-t", "nat"] + ["-D"]
+                   + CAPTURE_RULE, stderr=subprocess.DEVNULL)

@@ -11,6 +11,9 @@ Systems under test (SUTs):
   ruler    a plaintext `socat -b 262144` relay in nodea and in nodeb, chained
   ours     our ztunnel in dedicated mode: one in cli (iptables REDIRECT of its egress to
            :15001) and one in srv (HBONE in on :15008), local config + local CA
+  ours_shared  our ztunnel in shared mode, one per node netns, with the node agent
+           (mesh-cni-agent) putting the in-pod rules into cli and srv and handing their
+           netns over ZDS (shared.py); same config and CA
   external any other ztunnel binary given with --external (e.g. Istio's), fed the same
            local config file (Istio's LOCAL_XDS_PATH format) with FAKE_CA=true
   ours_unpooled  ours with POOL_UNUSED_RELEASE_TIMEOUT=0s and POOL_MAX_STREAMS_PER_CONNECTION=1
@@ -43,7 +46,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     CLI_IP, LOAD_CPU, NA_CLI, NB_NA, PORT_ECHO, PORT_IPERF, PORT_SOCKPERF, PROXY_CPU, ROOT,
-    SRV_IP, Lab, Sut, cpu_window, log, median_range, proc_mem, sh)
+    SRV_IP, Lab, Sut, capture_outbound, hbone_workload, cpu_window, log, median_range, proc_mem,
+    release_capture, sh, wait_http)
+import shared  # noqa: E402
 import wseries  # noqa: E402
 
 
@@ -66,38 +71,13 @@ class Ruler(Sut):
         time.sleep(0.3)
 
     def proxy_pids(self):
-        # socat forks a child per connection; count the whole process tree.
-        pids = []
-        for p in self.procs:
-            pids.append(p.pid)
-            try:
-                kids = sh("pgrep", "-P", str(p.pid), capture=True, check=False).split()
-                pids += [int(k) for k in kids]
-            except Exception:
-                pass
-        return pids
+        # socat forks a child per connection; the parents' cutime/cstime count the children
+        # once they are reaped (proc_cpu), so the parents are enough.
+        return [p.pid for p in self.procs]
 
 
-LOCAL_CONFIG = f"""workloads:
-- uid: bench/cli
-  name: cli
-  namespace: bench
-  serviceAccount: cli
-  workloadIps: [{CLI_IP}]
-  protocol: HBONE
-  node: node-a
-  services: {{}}
-- uid: bench/srv
-  name: srv
-  namespace: bench
-  serviceAccount: srv
-  workloadIps: [{SRV_IP}]
-  protocol: HBONE
-  node: node-b
-  services: {{}}
-policies: []
-services: []
-"""
+LOCAL_CONFIG = ("workloads:\n" + hbone_workload("cli", CLI_IP, "node-a")
+                + hbone_workload("srv", SRV_IP, "node-b") + "policies: []\nservices: []\n")
 
 
 class Ztunnel(Sut):
@@ -127,33 +107,17 @@ class Ztunnel(Sut):
         return e
 
     def start(self):
-        cli = self.lab.ns["cli"]
-        sh("ip", "netns", "exec", cli, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp",
-           "!", "-o", "lo", "-m", "mark", "!", "--mark", "0x539/0xfff", "-j", "REDIRECT",
-           "--to-ports", "15001")
+        capture_outbound(self.lab, "cli")
         self.procs.append(self.lab.spawn("cli", [self.binary], cpu=PROXY_CPU,
                                          env=self.env("node-a")))
         self.procs.append(self.lab.spawn("srv", [self.binary], cpu=PROXY_CPU,
                                          env=self.env("node-b")))
-        deadline = time.time() + 20
         for ns in ("cli", "srv"):
-            while True:
-                r = subprocess.run(["ip", "netns", "exec", self.lab.ns[ns], "python3", "-c",
-                                    "import urllib.request,sys;"
-                                    "sys.exit(0 if urllib.request.urlopen("
-                                    "'http://127.0.0.1:15021/healthz/ready',timeout=1)"
-                                    ".status==200 else 1)"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                if r.returncode == 0:
-                    break
-                if time.time() > deadline:
-                    raise RuntimeError(f"{self.name} in {ns} not ready after 20 s")
-                time.sleep(0.1)
+            wait_http(self.lab, ns, "http://127.0.0.1:15021/healthz/ready", f"{self.name} in {ns}")
 
     def stop(self):
         super().stop()
-        subprocess.run(["ip", "netns", "exec", self.lab.ns["cli"], "iptables", "-t", "nat",
-                        "-F", "OUTPUT"], stderr=subprocess.DEVNULL)
+        release_capture(self.lab, "cli")
 
 
 # ---------- scenarios: each returns a dict of metrics for one SUT run ----------
@@ -172,6 +136,7 @@ def iperf(lab, sut, seconds, streams=1, reverse=False, omit=2):
     recv = j["end"]["sum_received"]
     gbytes = recv["bytes"] / 1e9
     return {"gbit_s": recv["bits_per_second"] / 1e9, "bytes": recv["bytes"],
+            "sent_bytes": j["end"].get("sum_sent", {}).get("bytes"),
             "retransmits": j["end"].get("sum_sent", {}).get("retransmits", 0),
             "sys_cpu_s_per_gb": sys_cpu / gbytes if gbytes else None,
             "proxy_cpu_s_per_gb": proxy_cpu / gbytes if gbytes else None}
@@ -296,10 +261,12 @@ def summarize(reps, suts):
     def tput(scn):
         vs_r = per_rep(scn, lambda o, r, n: o["gbit_s"] / r["gbit_s"])
         vs_n = per_rep(scn, lambda o, r, n: o["gbit_s"] / n["gbit_s"])
-        over = per_rep(scn, lambda o, r, n: (
-            (o["sys_cpu_s_per_gb"] - n["sys_cpu_s_per_gb"]) /
-            (r["sys_cpu_s_per_gb"] - n["sys_cpu_s_per_gb"])
-            if r["sys_cpu_s_per_gb"] - n["sys_cpu_s_per_gb"] > 0 else None))
+        def overhead(o, r, n):
+            c = [x["sys_cpu_s_per_gb"] for x in (o, r, n)]
+            if None in c or c[1] - c[2] <= 0:
+                return None
+            return (c[0] - c[2]) / (c[1] - c[2])
+        over = per_rep(scn, overhead)
         return {s: {"vs_ruler": median_range(vs_r[s]), "vs_nomesh": median_range(vs_n[s]),
                     "cpu_overhead_vs_ruler": median_range(over[s])} for s in mesh}
 
@@ -381,6 +348,8 @@ def main():
                     f"{QUICK_SCENARIOS}); W1 and W3 are the waypoint against nginx")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--external", help="path of another ztunnel binary to compare (e.g. Istio's)")
+    ap.add_argument("--no-shared", action="store_true",
+                    help="leave out ours_shared (ztunnel in shared mode, pods handed over ZDS)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -404,11 +373,12 @@ def main():
     t_http = 2 if quick else 5
     release = ROOT / "target" / "release"
     zt, tool, meshctl = release / "ztunnel", release / "mesh-bench", release / "meshctl"
-    wp = release / "waypoint"
-    for b in (zt, tool, meshctl) + ((wp,) if w_kinds else ()):
+    wp, agent = release / "waypoint", release / "mesh-cni-agent"
+    with_shared = not a.no_shared and bool(set(scenarios) - {"W1", "W3"})
+    for b in (zt, tool, meshctl) + ((wp,) if w_kinds else ()) + ((agent,) if with_shared else ()):
         if not b.exists():
             sys.exit(f"bench: {b} missing; run `cargo build --release -p ztunnel -p mesh-bench "
-                     "-p meshctl -p waypoint` (make bench does)")
+                     "-p meshctl -p waypoint -p cni-plugin` (make bench does)")
 
     work = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
     (work / "local.yaml").write_text(LOCAL_CONFIG)
@@ -416,18 +386,19 @@ def main():
     lab = Lab()
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"started": started, "machine": versions(),
-              "settings": {"quick": quick, "reps": reps, "bulk_s": t_bulk, "iperf_omit_s": omit, "latency_s": t_lat,
-                           "connrate_s": t_conn, "http_s": t_http, "l7_counts": l7_counts, "l7_settle_s": l7_settle,
+              "settings": {"quick": quick, "reps": reps, "bulk_s": t_bulk, "iperf_omit_s": omit,
+                           "latency_s": t_lat, "connrate_s": t_conn, "http_s": t_http,
+                           "l7_counts": l7_counts, "l7_settle_s": l7_settle,
                            "workers": a.workers, "pinning": f"load cpu {LOAD_CPU}, proxies cpu "
                            f"{PROXY_CPU}", "cipher": "rustls default order (AES-128-GCM first)",
                            "kx": "X25519", "certs": "ECDSA P-256 from a local root",
-                           "log_level": "warn", "allocator": "jemalloc (ztunnel's global allocator)"},
+                           "log_level": "warn",
+                           "allocator": "jemalloc (ztunnel's global allocator)"},
               "reps": [], "L7": {}, "W": [], "errors": []}
 
     def stop_all(*_):
-        lab.destroy()
-        shutil.rmtree(work, ignore_errors=True)
-        sys.exit(130)
+        # Unwinds through the `finally` below, which kills by PID and deletes by name.
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, stop_all)
     signal.signal(signal.SIGTERM, stop_all)
@@ -436,6 +407,8 @@ def main():
         unpooled = {"POOL_UNUSED_RELEASE_TIMEOUT": "0s", "POOL_MAX_STREAMS_PER_CONNECTION": "1"}
         suts = [NoMesh(lab, work), Ruler(lab, work),
                 Ztunnel(lab, work, str(zt), "ours", a.workers)]
+        if with_shared:
+            suts.append(shared.ZtunnelShared(lab, work, str(zt), str(agent), a.workers))
         if a.external:
             suts.append(Ztunnel(lab, work, a.external, "external", a.workers, external=True))
         if "L6" in scenarios:
@@ -451,7 +424,7 @@ def main():
             if only is not None:
                 return scn in only
             # A pooled mesh SUT would measure L5 again under L6's name.
-            return not (scn == "L6" and isinstance(sut, Ztunnel))
+            return not (scn == "L6" and isinstance(sut, (Ztunnel, shared.ZtunnelShared)))
 
         def one(scn, sut, short=False):
             t = 1 if short else None
@@ -473,8 +446,8 @@ def main():
         for sut in suts if timed else []:
             if not any(runs(sut, scn) for scn in timed):
                 continue
-            sut.start()
             try:
+                sut.start()
                 for scn in timed:
                     if runs(sut, scn):
                         one(scn, sut, short=True)
@@ -487,14 +460,18 @@ def main():
             for sut in order:
                 if not any(runs(sut, scn) for scn in timed):
                     continue
-                sut.start()
                 try:
+                    sut.start()
+                    # The process is new: one short untimed pass before the timed ones
+                    # (not in --quick, which must stay under 3 minutes).
+                    if not quick:
+                        one(next(scn for scn in timed if runs(sut, scn)), sut, short=True)
                     for scn in timed:
                         if not runs(sut, scn):
                             continue
                         m = one(scn, sut)
                         row.setdefault(scn, {})[sut.name] = m
-                        if m.get("errors") or m.get("retransmits", 0) < 0:
+                        if m.get("errors") or m.get("bytes", 1) == 0:
                             result["errors"].append(f"rep {rep} {scn} {sut.name}: {m}")
                 finally:
                     sut.stop()
@@ -504,8 +481,8 @@ def main():
                 for sut in suts:
                     if sut.name in ("nomesh", "ruler") or not runs(sut, "L7"):
                         continue  # no long-lived proxy process to measure
-                    sut.start()
                     try:
+                        sut.start()
                         log(f"L7: {count} idle connections through {sut.name}")
                         m = idle_memory(lab, sut, count, l7_settle, str(tool), work)
                         result["L7"].setdefault(str(count), {})[sut.name] = m
@@ -514,12 +491,17 @@ def main():
                     finally:
                         sut.stop()
         if w_kinds:
-            result["W"] = wseries.run_all(lab, work, w_kinds, reps, t_http, quick, str(tool),
-                                          str(zt), str(wp), a.workers, result["errors"])
+            result["W"] = wseries.run_all(lab, work, w_kinds, 2 if quick else reps, t_http,
+                                          quick, str(tool), str(zt), str(wp), a.workers,
+                                          result["errors"])
     finally:
         lab.destroy()
         shutil.rmtree(work, ignore_errors=True)
 
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # The raw repetitions first, so that nothing measured is lost if summarizing fails.
+    (out / f"{started}.json").write_text(json.dumps(result, indent=2) + "\n")
     detail = summarize(result["reps"], names)
     detail.update(wseries.summarize(result["W"]))
     result["summary_detail"] = detail
@@ -527,23 +509,32 @@ def main():
     for count, by_sut in result["L7"].items():
         for sut, m in by_sut.items():
             result["summary"].setdefault("L7", {})[f"{sut}_{count}_bytes_per_conn"] = max(
-                m["bytes_per_conn_rss"])
+                m["bytes_per_conn_rss"], default=None)
             result["summary"]["L7"][f"{sut}_{count}_retained_pct"] = max(
-                x for x in m["retained_pct_after"] if x is not None)
+                (x for x in m["retained_pct_after"] if x is not None), default=None)
     spreads = [v["max"] / v["min"] - 1 for r in [detail.get("L1", {})]
                for s in r.values() for v in [s.get("vs_nomesh")] if v and v["min"]]
+    # performance.md §4.1: a no-mesh spread over 10% makes the run unstable (repeat it).
+    nomesh = [r["L1"]["nomesh"]["gbit_s"] for r in result["reps"] if "nomesh" in r.get("L1", {})]
+    nomesh_spread = max(nomesh) / min(nomesh) - 1 if nomesh and min(nomesh) > 0 else None
+    result["unstable"] = nomesh_spread is not None and nomesh_spread > 0.10
     result["checklist"] = [
         f"commit {result['machine']['commit']}; tools: {result['machine']['iperf3']}; "
         f"{result['machine']['sockperf']}; {result['machine']['socat']}",
         f"pinning: {result['settings']['pinning']}",
         f"{reps} interleaved repetitions (rotated order), ratios per repetition, median and "
         f"min-max reported; spread of ours/nomesh L1: "
-        f"{', '.join(f'{x:.0%}' for x in spreads) or 'n/a'}",
-        f"warm-up: one untimed pass per SUT and scenario; iperf3 -O {omit} drops the first {omit} s",
+        f"{', '.join(f'{x:.0%}' for x in spreads) or 'n/a'}; no-mesh L1 spread "
+        + (f"{nomesh_spread:.0%}" if nomesh_spread is not None else "n/a")
+        + (" > 10%: UNSTABLE, repeat the run" if result["unstable"] else ""),
+        "warm-up: one untimed pass per SUT and scenario"
+        + ("" if quick else ", and a short untimed pass after every start of a SUT in each "
+           "repetition") + f"; iperf3 -O {omit} drops the first {omit} s",
         f"cipher/KX/certs: {result['settings']['cipher']} / X25519 / ECDSA P-256",
         f"worker threads: {a.workers}; allocator: jemalloc (ztunnel's); log level: warn",
-        "correctness: iperf3 byte counts from both ends, sockperf completes, every connrate "
-        "and L7 connection echoes a byte end to end; errors: "
+        "correctness: iperf3's received byte count must be non-zero (sent and received are "
+        "recorded), sockperf completes, every connrate and L7 connection echoes a byte end "
+        "to end; errors: "
         f"{len(result['errors'])}",
         "the no-mesh and ruler numbers are from the same run (in result.reps)",
     ] + ([
@@ -555,8 +546,6 @@ def main():
     ] if result["W"] else []) + [
         "machine is shared and noisy: only ratios from this run mean anything",
     ]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"{started}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{started}.md").write_text(markdown(result))
     print(markdown(result))
@@ -566,4 +555,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -6,7 +6,8 @@
 //! from when it was sent, so a proxy that stalls is charged for the requests that queued
 //! behind the stall (no coordinated omission); a request whose connection was free is timed
 //! from when it was actually sent, so the timer's granularity is not charged to the proxy.
-//! All connections are dialled before the schedule starts. A response counts as good only if its status
+//! All connections are dialled before the schedule starts; a response slower than 5 s is an
+//! error and its connection is replaced. A response counts as good only if its status
 //! is 2xx and its body has exactly `expect_bytes` bytes.
 
 use std::{
@@ -28,23 +29,37 @@ use tokio::{
     net::TcpStream,
 };
 
-/// What one run is asked to do.
+/// What one run is asked to do (the `http-rate` command's flags).
+#[derive(Debug, clap::Args)]
 pub struct Plan {
+    #[arg(long)]
     pub to: SocketAddr,
-    /// The `Host` header (the Service's name, as a client in the mesh would send).
+    /// The Host header (the Service's name, as a client in the mesh would send), and the
+    /// TLS server name with --tls-root.
+    #[arg(long)]
     pub host: String,
+    #[arg(long, default_value = "/")]
     pub path: String,
+    /// Requests per second, over all connections.
+    #[arg(long)]
     pub rate: f64,
+    #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
+    #[arg(long, default_value_t = 16)]
     pub connections: usize,
-    /// TLS with this PEM root (and SNI = `host`); plaintext when `None`.
+    /// PEM root to verify a TLS server with; plaintext HTTP when unset.
+    #[arg(long)]
     pub tls_root: Option<std::path::PathBuf>,
+    /// The body length every good response must have.
+    #[arg(long)]
     pub expect_bytes: Option<usize>,
 }
 
 #[derive(Default)]
 struct Tally {
     lat_us: Vec<u64>,
+    /// How late the timer woke for requests whose connection was free.
+    lag_us: Vec<u64>,
     errors: u64,
     bad: u64,
     bytes: u64,
@@ -112,6 +127,9 @@ async fn one(
 
 type Sender = http1::SendRequest<Empty<Bytes>>;
 
+/// A response slower than this counts as an error and its connection is replaced.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One connection's share of the schedule. `send` was dialled before the start, so no
 /// handshake lands in the measured latencies; a connection that breaks is dialled again and
 /// that wait is charged to the requests due meanwhile.
@@ -129,13 +147,23 @@ async fn connection(
     let mut free_at = start;
     while due < end {
         tokio::time::sleep_until(due.into()).await;
+        let now = Instant::now();
         // The clock starts when the request was due if it had to wait for the previous
         // response (the proxy's fault); otherwise when it is sent, so that the timer's
-        // millisecond granularity (the load tool's fault) is not counted.
-        let began = if free_at > due { due } else { Instant::now() };
-        if send.is_none() {
-            match dial(&plan, &tls).await {
-                Ok(s) => send = Some(s),
+        // millisecond granularity (the load tool's fault) is not counted. That lateness is
+        // reported on its own (`send_lag_*`).
+        let began = if free_at > due {
+            due
+        } else {
+            tally
+                .lag_us
+                .push(now.duration_since(due).as_micros() as u64);
+            now
+        };
+        let mut s = match send.take() {
+            Some(s) => s,
+            None => match dial(&plan, &tls).await {
+                Ok(s) => s,
                 Err(e) => {
                     eprintln!("http-rate: {e:#}");
                     tally.errors += 1;
@@ -143,21 +171,24 @@ async fn connection(
                     free_at = Instant::now();
                     continue;
                 }
-            }
-        }
-        let Some(s) = send.as_mut() else { continue };
-        match one(s, &plan).await {
-            Ok((good, n)) => {
+            },
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, one(&mut s, &plan)).await {
+            Ok(Ok((good, n))) => {
                 tally.lat_us.push(began.elapsed().as_micros() as u64);
                 tally.bytes += n as u64;
                 if !good {
                     tally.bad += 1;
                 }
+                send = Some(s);
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 eprintln!("http-rate: {e:#}");
                 tally.errors += 1;
-                send = None;
+            }
+            Err(_) => {
+                eprintln!("http-rate: no response within {REQUEST_TIMEOUT:?}; reconnecting");
+                tally.errors += 1;
             }
         }
         free_at = Instant::now();
@@ -197,12 +228,14 @@ pub async fn run(plan: Plan) -> anyhow::Result<serde_json::Value> {
     while let Some(t) = set.join_next().await {
         let t = t?;
         all.lat_us.extend(t.lat_us);
+        all.lag_us.extend(t.lag_us);
         all.errors += t.errors;
         all.bad += t.bad;
         all.bytes += t.bytes;
     }
     let wall = start.elapsed().as_secs_f64().max(plan.seconds);
     all.lat_us.sort_unstable();
+    all.lag_us.sort_unstable();
     let lat = &all.lat_us;
     Ok(json!({
         "target_rps": plan.rate,
@@ -216,5 +249,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<serde_json::Value> {
         "p99_us": pct(lat, 0.99),
         "p999_us": pct(lat, 0.999),
         "max_us": lat.last().copied().unwrap_or(0),
+        "send_lag_p99_us": pct(&all.lag_us, 0.99),
+        "send_lag_max_us": all.lag_us.last().copied().unwrap_or(0),
     }))
 }

@@ -51,27 +51,7 @@ enum Cmd {
     },
     /// Open-loop HTTP/1.1 GETs at a fixed rate over keep-alive connections (plain or TLS);
     /// latency is measured from each request's due time.
-    HttpRate {
-        #[arg(long)]
-        to: std::net::SocketAddr,
-        /// The Host header (and the TLS server name with --tls-root).
-        #[arg(long)]
-        host: String,
-        #[arg(long, default_value = "/")]
-        path: String,
-        #[arg(long)]
-        rate: f64,
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 16)]
-        connections: usize,
-        /// PEM root to verify a TLS server with; plaintext HTTP when unset.
-        #[arg(long)]
-        tls_root: Option<std::path::PathBuf>,
-        /// The body length every good response must have.
-        #[arg(long)]
-        expect_bytes: Option<usize>,
-    },
+    HttpRate(httprate::Plan),
     /// Control-plane scale: istiod-lite with many pods and services, many xDS clients, one
     /// change pushed to all of them (push latency, istiod-lite CPU and memory).
     CpScale {
@@ -109,25 +89,7 @@ fn main() -> anyhow::Result<()> {
             ready_file,
             seconds,
         } => load::runtime()?.block_on(load::hold(to, count, &ready_file, seconds))?,
-        Cmd::HttpRate {
-            to,
-            host,
-            path,
-            rate,
-            seconds,
-            connections,
-            tls_root,
-            expect_bytes,
-        } => load::runtime()?.block_on(httprate::run(httprate::Plan {
-            to,
-            host,
-            path,
-            rate,
-            seconds,
-            connections,
-            tls_root,
-            expect_bytes,
-        }))?,
+        Cmd::HttpRate(plan) => load::runtime()?.block_on(httprate::run(plan))?,
         Cmd::CpScale {
             istiod_bin,
             pods,
