@@ -350,6 +350,7 @@ def main():
     ap.add_argument("--external", help="path of another ztunnel binary to compare (e.g. Istio's)")
     ap.add_argument("--no-shared", action="store_true",
                     help="leave out ours_shared (ztunnel in shared mode, pods handed over ZDS)")
+    ap.add_argument("--shared", action="store_true", help="run ours_shared also with --quick")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -374,7 +375,8 @@ def main():
     release = ROOT / "target" / "release"
     zt, tool, meshctl = release / "ztunnel", release / "mesh-bench", release / "meshctl"
     wp, agent = release / "waypoint", release / "mesh-cni-agent"
-    with_shared = not a.no_shared and bool(set(scenarios) - {"W1", "W3"})
+    # --quick leaves ours_shared out unless asked for (with it, quick took 3 min 20 s).
+    with_shared = (a.shared or not (a.no_shared or a.quick)) and bool(set(scenarios) - {"W1", "W3"})
     for b in (zt, tool, meshctl) + ((wp,) if w_kinds else ()) + ((agent,) if with_shared else ()):
         if not b.exists():
             sys.exit(f"bench: {b} missing; run `cargo build --release -p ztunnel -p mesh-bench "
