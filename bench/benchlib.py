@@ -173,6 +173,10 @@ class Sut:
         # `ip netns exec` and `taskset` exec the command, so the Popen PID is the proxy's.
         return [p.pid for p in self.procs]
 
+    def helper_pids(self):
+        """Processes reported beside the proxy but not charged to it (none by default)."""
+        return []
+
 
 def cpu_window(sut, fn):
     """Runs `fn`; returns its result, system-wide busy CPU seconds, the SUT's processes' CPU

@@ -264,7 +264,7 @@ def parse_wrk(out):
 
 def proxy_costs(sut, fn):
     """Runs `fn` and charges the proxy's (and helper's) CPU and the system's to it."""
-    helpers = getattr(sut, "helper_pids", lambda: [])()
+    helpers = sut.helper_pids()
     h0 = [proc_cpu(p) for p in helpers]
     out, sys_cpu, proxy_cpu, wall = cpu_window(sut, fn)
     helper_cpu = sum(proc_cpu(p) - a for p, a in zip(helpers, h0))

@@ -55,6 +55,8 @@ pub struct Plan {
     pub expect_bytes: Option<usize>,
 }
 
+type Sender = http1::SendRequest<Empty<Bytes>>;
+
 #[derive(Default)]
 struct Tally {
     lat_us: Vec<u64>,
@@ -81,7 +83,7 @@ fn tls_connector(root: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-async fn handshake<S>(io: S) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>>
+async fn handshake<S>(io: S) -> anyhow::Result<Sender>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -92,10 +94,7 @@ where
     Ok(send)
 }
 
-async fn dial(
-    plan: &Plan,
-    tls: &Option<tokio_rustls::TlsConnector>,
-) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
+async fn dial(plan: &Plan, tls: &Option<tokio_rustls::TlsConnector>) -> anyhow::Result<Sender> {
     let tcp = TcpStream::connect(plan.to)
         .await
         .with_context(|| format!("connecting to {}", plan.to))?;
@@ -110,10 +109,7 @@ async fn dial(
     }
 }
 
-async fn one(
-    send: &mut http1::SendRequest<Empty<Bytes>>,
-    plan: &Plan,
-) -> anyhow::Result<(bool, usize)> {
+async fn one(send: &mut Sender, plan: &Plan) -> anyhow::Result<(bool, usize)> {
     send.ready().await?;
     let req = http::Request::get(plan.path.as_str())
         .header(http::header::HOST, plan.host.as_str())
@@ -124,8 +120,6 @@ async fn one(
     let good = ok && plan.expect_bytes.is_none_or(|n| n == body.len());
     Ok((good, body.len()))
 }
-
-type Sender = http1::SendRequest<Empty<Bytes>>;
 
 /// A response slower than this counts as an error and its connection is replaced.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
