@@ -5,6 +5,7 @@ Everything started through a `Lab` is killed by PID and every namespace it made 
 by name; nothing else on the machine is touched.
 """
 
+import json
 import os
 import resource
 import signal
@@ -176,6 +177,23 @@ class Sut:
     def helper_pids(self):
         """Processes reported beside the proxy but not charged to it (none by default)."""
         return []
+
+    def admin_namespaces(self):
+        """Lab namespaces whose 127.0.0.1:15000 is one of our ztunnels' admin port, in
+        `proxy_pids` order (none by default: not every SUT is ours)."""
+        return []
+
+    def allocator_stats(self):
+        """Our ztunnels' `/debug/memory` (jemalloc's counters), one dict per admin
+        namespace; None for a proxy that did not answer."""
+        out = []
+        for ns in self.admin_namespaces():
+            try:
+                out.append(json.loads(self.lab.run(
+                    ns, ["curl", "-sf", "-m", "5", "http://127.0.0.1:15000/debug/memory"])))
+            except (RuntimeError, ValueError, subprocess.TimeoutExpired):
+                out.append(None)
+        return out
 
 
 def cpu_window(sut, fn):

@@ -119,6 +119,9 @@ class Ztunnel(Sut):
         super().stop()
         release_capture(self.lab, "cli")
 
+    def admin_namespaces(self):
+        return [] if self.external else ["cli", "srv"]
+
 
 # ---------- scenarios: each returns a dict of metrics for one SUT run ----------
 
@@ -183,6 +186,7 @@ def idle_memory(lab, sut, count, settle, tool, work):
     ready.unlink(missing_ok=True)
     pids = sut.proxy_pids()
     before = [proc_mem(p) for p in pids]
+    heap = {"before": sut.allocator_stats()}
     holder = lab.spawn("cli", [tool, "hold", "--to", f"{sut.target}:{PORT_ECHO}", "--count",
                                str(count), "--ready-file", str(ready), "--seconds", "600"],
                        cpu=LOAD_CPU, stdout=subprocess.PIPE)
@@ -194,12 +198,14 @@ def idle_memory(lab, sut, count, settle, tool, work):
         time.sleep(0.1)
     time.sleep(1.0)
     peak = [proc_mem(p) for p in pids]
+    heap["peak"] = sut.allocator_stats()
     ready.unlink()
     out, _ = holder.communicate(timeout=60)
     lab.procs.remove(holder)
     held = json.loads(out)
     time.sleep(settle)
     after = [proc_mem(p) for p in pids]
+    heap["after"] = sut.allocator_stats()
     lab.stop([srv])
     per = [((pk[0] - b[0]) * 1024 / count, (pk[1] - b[1]) * 1024 / count)
            for b, pk in zip(before, peak)]
@@ -210,7 +216,8 @@ def idle_memory(lab, sut, count, settle, tool, work):
             "bytes_per_conn_pss": [round(p[1]) for p in per],
             "retained_kb_after": [a[0] - b[0] for a, b in zip(after, before)],
             "retained_pct_after": [round(100 * (a[0] - b[0]) / b[0], 1) if b[0] else None
-                                   for a, b in zip(after, before)]}
+                                   for a, b in zip(after, before)],
+            "allocator": heap}
 
 
 # ---------- orchestration ----------
@@ -351,6 +358,10 @@ def main():
     ap.add_argument("--no-shared", action="store_true",
                     help="leave out ours_shared (ztunnel in shared mode, pods handed over ZDS)")
     ap.add_argument("--shared", action="store_true", help="run ours_shared also with --quick")
+    ap.add_argument("--l7-counts", help="comma-separated idle connection counts for L7 "
+                    "(default: 1000,10000; with --quick: 1000)")
+    ap.add_argument("--l7-settle", type=float, help="seconds after the L7 burst closes before "
+                    "the memory is read again (default: 60; with --quick: 5)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -369,8 +380,9 @@ def main():
     omit = 1 if quick else 2
     t_lat = 2 if quick else 10
     t_conn = 1 if quick else 5
-    l7_counts = [1000] if quick else [1000, 10000]
-    l7_settle = 5 if quick else 60
+    l7_counts = ([int(c) for c in a.l7_counts.split(",")] if a.l7_counts
+                 else [1000] if quick else [1000, 10000])
+    l7_settle = a.l7_settle if a.l7_settle is not None else 5 if quick else 60
     t_http = 2 if quick else 5
     release = ROOT / "target" / "release"
     zt, tool, meshctl = release / "ztunnel", release / "mesh-bench", release / "meshctl"

@@ -118,6 +118,9 @@ class ZtunnelShared(Sut):
                     subprocess.run(["ip", "netns", "exec", self.lab.ns[pod], "iptables", "-t",
                                     table, op], stderr=subprocess.DEVNULL)
 
+    def admin_namespaces(self):
+        return [node_ns for node_ns, _, _, _ in NODES]
+
     def proxy_pids(self):
         # The ztunnels. The agents resync every second (RESYNC_INTERVAL) but do no data-path
         # work; their CPU is in the system-wide numbers.

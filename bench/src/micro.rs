@@ -87,8 +87,8 @@ async fn hbone(mib: usize) -> anyhow::Result<serde_json::Value> {
                     let Ok(app) = TcpStream::connect(inc.dst).await else {
                         return;
                     };
-                    if let Ok((send, recv)) = inc.accept() {
-                        let _ = relay(&app, send, recv).await;
+                    if let Ok((mut send, mut recv)) = inc.accept() {
+                        let _ = relay(&app, &mut send, &mut recv).await;
                     }
                 },
                 std::future::pending(),
@@ -129,8 +129,8 @@ async fn hbone(mib: usize) -> anyhow::Result<serde_json::Value> {
         Ok::<_, std::io::Error>(n)
     });
     let (s, _) = local.accept().await?;
-    let (send, recv, _keep) = tunnel.into_parts();
-    let (stats, res) = relay(&s, send, recv).await;
+    let (mut send, mut recv, _keep) = tunnel.into_parts();
+    let (stats, res) = relay(&s, &mut send, &mut recv).await;
     res.context("relay")?;
     let delivered = writer.await??;
     anyhow::ensure!(

@@ -173,7 +173,8 @@ pub async fn build(cfg: Config, log: Option<LogHandle>) -> anyhow::Result<Bound>
         connect_timeout: cfg.connect_timeout,
         ..Default::default()
     });
-    pool.spawn_reaper(Duration::from_secs(30));
+    // Every 5 s: a burst's surplus tunnels close 5-10 s after their last stream.
+    pool.spawn_reaper(Duration::from_secs(5));
     let upstream = Arc::new(Upstream::new(
         pool,
         secrets.clone(),

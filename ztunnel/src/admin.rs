@@ -3,6 +3,9 @@
 //! - `GET /config_dump`: the effective config, workloads, services, policies, certificates;
 //! - `GET /logging` shows the log filter, `POST /logging?level=FILTER` changes it;
 //! - `POST /quitquitquit`: start a graceful shutdown;
+//! - `GET /debug/memory`: the allocator's own counters next to the process RSS, to tell live
+//!   objects from memory the allocator holds but no longer uses; `GET /debug/memory/stats`:
+//!   jemalloc's full report (per size class, per arena), to see what the live objects are;
 //! - `GET /metrics` (stats port): Prometheus text format;
 //! - `GET /healthz/ready` (readiness port): 200, or 503 naming what is still pending.
 
@@ -88,6 +91,30 @@ pub fn admin_handler(a: Arc<AdminState>) -> Handler {
                         ),
                     }
                 }
+                (Method::GET, "/debug/memory") => match memory_stats() {
+                    Ok(v) => AdminResponse::json(v.to_string()),
+                    Err(e) => AdminResponse::text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("jemalloc statistics unavailable: {e}\n"),
+                    ),
+                },
+                (Method::GET, "/debug/memory/stats") => {
+                    let mut out = Vec::new();
+                    let mut opts = tikv_jemalloc_ctl::stats_print::Options::default();
+                    opts.skip_per_arena = true;
+                    opts.skip_mutex_statistics = true;
+                    match tikv_jemalloc_ctl::stats_print::stats_print(&mut out, opts) {
+                        Ok(()) => AdminResponse {
+                            status: StatusCode::OK,
+                            content_type: "text/plain; charset=utf-8",
+                            body: out.into(),
+                        },
+                        Err(e) => AdminResponse::text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("jemalloc statistics unavailable: {e}\n"),
+                        ),
+                    }
+                }
                 (Method::POST, "/quitquitquit") => {
                     let _ = a.shutdown.try_send(());
                     AdminResponse::text(StatusCode::OK, "shutting down\n")
@@ -96,6 +123,33 @@ pub fn admin_handler(a: Arc<AdminState>) -> Handler {
             }
         })
     })
+}
+
+/// jemalloc's counters (bytes), refreshed by advancing its epoch. `allocated` is what live
+/// objects use; `resident - allocated` is held by the allocator (dirty pages waiting for the
+/// decay, metadata, fragmentation). Only meaningful when jemalloc is the global allocator, as in
+/// the ztunnel binary.
+fn memory_stats() -> Result<serde_json::Value, tikv_jemalloc_ctl::Error> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    epoch::advance()?;
+    Ok(json!({
+        "allocator": "jemalloc",
+        "allocated": stats::allocated::read()?,
+        "active": stats::active::read()?,
+        "resident": stats::resident::read()?,
+        "mapped": stats::mapped::read()?,
+        "metadata": stats::metadata::read()?,
+        "retained": stats::retained::read()?,
+        "process_rss": process_rss(),
+    }))
+}
+
+/// The process's resident set (bytes) from `/proc/self/status`, or null where there is none.
+fn process_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 pub fn stats_handler(registry: Arc<Registry>) -> Handler {

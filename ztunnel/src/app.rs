@@ -126,6 +126,7 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
         connect_timeout: cfg.connect_timeout,
         max_streams_per_conn: cfg.pool_max_streams_per_connection,
         idle_timeout: cfg.pool_unused_release_timeout,
+        ..PoolSettings::default()
     });
 
     let dedicated = cfg.proxy_mode == ProxyMode::Dedicated;
@@ -214,7 +215,8 @@ pub async fn build(cfg: Config, log: Option<LogHandle>, admin_rt: Handle) -> any
     if let Some(l) = socks5 {
         tokio::spawn(proxy::socks5::serve(pi.clone(), l, watcher.clone()));
     }
-    pool.spawn_reaper(Duration::from_secs(30));
+    // Every 5 s: a burst's surplus tunnels close 5-10 s after their last stream.
+    pool.spawn_reaper(Duration::from_secs(5));
     secrets.spawn_renewer(Duration::from_secs(10));
     // Memory freed after a connection burst goes back to the OS, not kept at the peak.
     admin_rt.spawn(mesh_rt::memory::run_trimmer(Duration::from_secs(5)));

@@ -313,6 +313,19 @@ async fn admin_endpoints_dump_config_and_report_readiness() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["state"]["workloads"].as_array().unwrap().len(), 2);
     assert_eq!(v["certificates"][0]["identity"], CLIENT_ID);
+    // The allocator's counters next to the process RSS (jemalloc is the binary's global
+    // allocator, not this test's, so only the shape is checked here).
+    let (status, body) = http_get(t.a.addresses.admin, "/debug/memory").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["allocator"], "jemalloc");
+    for key in ["allocated", "active", "resident", "mapped", "metadata", "retained"] {
+        assert!(v[key].is_u64(), "{key} in {body}");
+    }
+    assert!(v["process_rss"].as_u64().unwrap() > 0, "{body}");
+    let (status, body) = http_get(t.a.addresses.admin, "/debug/memory/stats").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("jemalloc statistics"), "{body}");
     let (status, _) = http_get(t.a.addresses.admin, "/nope").await;
     assert_eq!(status, 404);
 }

@@ -74,7 +74,13 @@ pub struct PoolSettings {
     pub h2: H2Settings,
     pub connect_timeout: Duration,
     pub max_streams_per_conn: usize,
+    /// How long the most recently used idle connection of a key is kept for reuse.
     pub idle_timeout: Duration,
+    /// How long any *other* idle connection of the same key is kept (capped by
+    /// `idle_timeout`). A burst that needed many connections at once (10,000 streams are 100
+    /// connections) would otherwise pin each one's TLS and HTTP/2 state for `idle_timeout`;
+    /// one warm connection per key is enough to serve the next stream without a handshake.
+    pub surplus_idle_timeout: Duration,
 }
 
 impl Default for PoolSettings {
@@ -84,6 +90,7 @@ impl Default for PoolSettings {
             connect_timeout: Duration::from_secs(10),
             max_streams_per_conn: 100,
             idle_timeout: Duration::from_secs(300),
+            surplus_idle_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -338,9 +345,13 @@ impl Pool {
         Ok(Conn { sender, shared })
     }
 
-    /// Closes connections that carried no stream for `idle_timeout`. Run periodically.
+    /// Closes connections that carried no stream for `idle_timeout`, and idle connections
+    /// beyond the most recently used one of their key after `surplus_idle_timeout`. Run
+    /// periodically.
     pub async fn reap_idle(&self) -> usize {
-        let idle = self.inner.settings.idle_timeout.as_millis() as u64;
+        let s = &self.inner.settings;
+        let idle = s.idle_timeout.as_millis() as u64;
+        let surplus = s.surplus_idle_timeout.min(s.idle_timeout).as_millis() as u64;
         let now = self.inner.epoch.elapsed().as_millis() as u64;
         let slots: Vec<(PoolKey, Slot)> = {
             let s = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -350,11 +361,30 @@ impl Pool {
         for (key, slot) in slots {
             let mut conns = slot.lock().await;
             let before = conns.len();
+            // The idle connection kept longest: the one whose last stream ended last.
+            let warm = conns
+                .iter()
+                .filter(|c| c.shared.streams.load(Ordering::Acquire) == 0)
+                .map(|c| c.shared.idle_since_ms.load(Ordering::Relaxed))
+                .max();
+            let mut kept_warm = false;
+            // Streams are only added under the slot lock we hold, so a connection counted
+            // idle here stays idle until it is dropped.
             conns.retain(|c| {
-                !c.shared.closed.load(Ordering::Acquire)
-                    && (c.shared.streams.load(Ordering::Acquire) > 0
-                        || now.saturating_sub(c.shared.idle_since_ms.load(Ordering::Relaxed))
-                            < idle)
+                if c.shared.closed.load(Ordering::Acquire) {
+                    return false;
+                }
+                if c.shared.streams.load(Ordering::Acquire) > 0 {
+                    return true;
+                }
+                let since = c.shared.idle_since_ms.load(Ordering::Relaxed);
+                let limit = if !kept_warm && Some(since) == warm {
+                    kept_warm = true;
+                    idle
+                } else {
+                    surplus
+                };
+                now.saturating_sub(since) < limit
             });
             closed += before - conns.len();
             if conns.is_empty() {

@@ -4,10 +4,12 @@
 //! - [`client`] — opens CONNECT streams over pooled HTTP/2 connections, one pool entry per
 //!   (source identity, destination identity, destination address);
 //! - [`server`] — accepts HTTP/2 connections, validates each CONNECT, hands it to the caller;
-//! - [`relay`] — moves bytes between a TCP socket and an HTTP/2 stream without extra copies.
+//! - [`relay`] — moves bytes between a TCP socket and an HTTP/2 stream without extra copies;
+//! - [`buffered`] — the socket under TLS, with a read buffer held only while it has bytes.
 //!
 //! The wire format and its sources in Istio are written down in `docs/hbone.md`.
 
+pub mod buffered;
 pub mod client;
 pub mod header;
 pub mod keepalive;
@@ -16,26 +18,10 @@ pub mod server;
 
 use std::time::Duration;
 
+pub use buffered::{BufferedTcp, TLS_READ_BUFFER, buffered};
 pub use client::{Pool, PoolKey, Tunnel};
 pub use relay::{RelayStats, relay};
 pub use server::{Incoming, serve_connection};
-
-/// Read buffer under the TLS layer of an HBONE connection.
-///
-/// rustls pulls ciphertext from its transport at most 4 KiB per `read` call, so a bare
-/// socket costs one `recvfrom` per 4 KiB (~300k syscalls/s at 10 Gbit/s). Reading the
-/// socket into this buffer first turns that into one syscall per 64 KiB, and rustls is fed
-/// from memory. Writes pass straight through (vectored). One buffer per HBONE connection,
-/// not per tunnelled stream, so pooling keeps the memory small.
-pub const TLS_READ_BUFFER: usize = 64 * 1024;
-
-/// A TCP socket with [`TLS_READ_BUFFER`] of read buffering, to put under TLS.
-pub type BufferedTcp = tokio::io::BufReader<tokio::net::TcpStream>;
-
-/// Wraps a connected socket for TLS (see [`TLS_READ_BUFFER`]).
-pub fn buffered(tcp: tokio::net::TcpStream) -> BufferedTcp {
-    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
-}
 
 /// HTTP/2 tuning for HBONE connections. Windows are large because a tunnel is a bulk byte
 /// pipe across a fast network; a small window caps throughput at window/RTT.

@@ -43,11 +43,12 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-/// Relays until both directions are done or either fails.
+/// Relays until both directions are done or either fails. The stream halves are borrowed,
+/// so a caller's state that owns them is not moved (and stored twice) into this future.
 pub async fn relay(
     tcp: &TcpStream,
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    send: &mut SendStream<Bytes>,
+    recv: &mut RecvStream,
 ) -> (RelayStats, io::Result<()>) {
     let mut r = Relay {
         tcp,
@@ -70,8 +71,8 @@ pub async fn relay(
 /// connection holds for its whole life, so its size is memory per connection.
 struct Relay<'a> {
     tcp: &'a TcpStream,
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    send: &'a mut SendStream<Bytes>,
+    recv: &'a mut RecvStream,
     up: Up,
     down: Down,
     stats: RelayStats,

@@ -74,8 +74,8 @@ async fn fixture() -> Fixture {
                             return;
                         }
                         let app = TcpStream::connect(inc.dst).await.unwrap();
-                        let (send, recv) = inc.accept().unwrap();
-                        let _ = relay(&app, send, recv).await;
+                        let (mut send, mut recv) = inc.accept().unwrap();
+                        let _ = relay(&app, &mut send, &mut recv).await;
                     },
                     std::future::pending(),
                 )
@@ -143,8 +143,8 @@ async fn echo_through(tunnel: mesh_hbone::Tunnel, data: Vec<u8>) -> Vec<u8> {
         out
     });
     let (s, _) = l.accept().await.unwrap();
-    let (send, recv, _keep) = tunnel.into_parts();
-    let (stats, res) = relay(&s, send, recv).await;
+    let (mut send, mut recv, _keep) = tunnel.into_parts();
+    let (stats, res) = relay(&s, &mut send, &mut recv).await;
     res.unwrap();
     let out = app.await.unwrap();
     assert_eq!(stats.tcp_to_tunnel as usize, out.len());
@@ -222,6 +222,45 @@ async fn idle_connections_are_reaped() {
     assert_eq!(pool.reap_idle().await, 1);
     let _t = open(&f, &pool, f.echo).await.unwrap();
     assert_eq!(pool.connections_opened(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_only_one_idle_connection_per_key_stays_warm() {
+    let f = fixture().await;
+    let pool = Pool::new(PoolSettings {
+        max_streams_per_conn: 2,
+        idle_timeout: Duration::from_secs(60),
+        surplus_idle_timeout: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let mut burst = Vec::new();
+    for _ in 0..6 {
+        burst.push(open(&f, &pool, f.echo).await.unwrap());
+    }
+    assert_eq!(pool.connections_opened(), 3, "2 streams per connection");
+    let last = burst.pop();
+    drop(burst);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        pool.reap_idle().await,
+        1,
+        "of two idle connections, the one used last stays warm"
+    );
+    drop(last);
+    assert_eq!(
+        pool.reap_idle().await,
+        1,
+        "the newly idle connection is now the warm one; the other is past its surplus time"
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(pool.reap_idle().await, 0, "the warm connection stays");
+    let t = open(&f, &pool, f.echo).await.unwrap();
+    assert_eq!(echo_through(t, b"warm".to_vec()).await, b"warm");
+    assert_eq!(
+        pool.connections_opened(),
+        3,
+        "served by the warm connection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

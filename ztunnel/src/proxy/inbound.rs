@@ -101,14 +101,23 @@ async fn connection(
         tls,
         &h2,
         move |inc: Incoming| {
-            let pi = handler_pi.clone();
-            let dst_w = dst_w.clone();
-            let src_id = src_id.clone();
+            // Set up in a box of its own, so that what every idle stream keeps for its whole
+            // life is only the relay: checks, authorization and the app connect are far
+            // bigger, and an unboxed future would keep their size.
+            let setup = Box::pin(open_stream(
+                handler_pi.clone(),
+                inc,
+                peer,
+                dst_w.clone(),
+                src_id.clone(),
+                sf.clone(),
+            ));
             let hold = handler_drain.clone();
-            let sf = sf.clone();
             async move {
                 let _hold = hold;
-                stream(&pi, inc, peer, &dst_w, src_id, sf.as_ref()).await;
+                if let Some(mut open) = setup.await {
+                    open.relay().await;
+                }
             }
         },
         drain.signaled(),
@@ -117,47 +126,41 @@ async fn connection(
     Ok(())
 }
 
-async fn stream(
-    pi: &ProxyInputs,
-    inc: Incoming,
-    peer: SocketAddr,
-    dst_w: &Arc<mesh_core::workload::Workload>,
-    src_id: Option<mesh_core::Identity>,
-    sf: &dyn SocketFactory,
-) {
-    // Boxed: checks, authorization and the app connect are far bigger than the relay, and
-    // an unboxed future would keep that size for the whole life of every idle stream.
-    let Some((result, app, send, recv)) =
-        Box::pin(open_stream(pi, inc, peer, dst_w, src_id, sf)).await
-    else {
-        return;
-    };
-    let (stats, res) = mesh_hbone::relay(&app, send, recv).await;
-    // From the client's view: received = what it sent us (tunnel → app).
-    let outcome = match res {
-        Ok(()) => Outcome::Ok,
-        Err(e) => Outcome::Error(e.to_string()),
-    };
-    result.finish(stats.tunnel_to_tcp, stats.tcp_to_tunnel, outcome);
+/// An accepted stream and its app connection: all an idle proxied stream holds. Handed over
+/// boxed: a value returned from an `.await` is stored in the caller's future more than once.
+struct OpenStream {
+    result: ConnectionResult,
+    app: tokio::net::TcpStream,
+    send: h2::SendStream<bytes::Bytes>,
+    recv: h2::RecvStream,
 }
 
-type OpenStream = (
-    ConnectionResult,
-    tokio::net::TcpStream,
-    h2::SendStream<bytes::Bytes>,
-    h2::RecvStream,
-);
+impl OpenStream {
+    /// Moves bytes until both sides are done, then records the connection. By reference:
+    /// moving `self` into this future would store the stream twice.
+    async fn relay(&mut self) {
+        let (stats, res) = mesh_hbone::relay(&self.app, &mut self.send, &mut self.recv).await;
+        // From the client's view: received = what it sent us (tunnel → app).
+        let outcome = match res {
+            Ok(()) => Outcome::Ok,
+            Err(e) => Outcome::Error(e.to_string()),
+        };
+        self.result
+            .finish(stats.tunnel_to_tcp, stats.tcp_to_tunnel, outcome);
+    }
+}
 
 /// Checks the destination, authorizes and connects to the app; on failure answers the
 /// CONNECT and records the outcome itself.
 async fn open_stream(
-    pi: &ProxyInputs,
+    pi: Arc<ProxyInputs>,
     inc: Incoming,
     peer: SocketAddr,
-    dst_w: &Arc<mesh_core::workload::Workload>,
+    dst_w: Arc<mesh_core::workload::Workload>,
     src_id: Option<mesh_core::Identity>,
-    sf: &dyn SocketFactory,
-) -> Option<OpenStream> {
+    sf: Arc<dyn SocketFactory>,
+) -> Option<Box<OpenStream>> {
+    let dst_w = &dst_w;
     let dst = inc.dst;
     let src_w = pi
         .state
@@ -211,7 +214,7 @@ async fn open_stream(
     };
     let app = match tokio::time::timeout(
         pi.cfg.connect_timeout,
-        super::connect(sf, dst, pi.cfg.packet_mark, source),
+        super::connect(sf.as_ref(), dst, pi.cfg.packet_mark, source),
     )
     .await
     {
@@ -243,5 +246,10 @@ async fn open_stream(
         }
     };
     result.opened();
-    Some((result, app, send, recv))
+    Some(Box::new(OpenStream {
+        result,
+        app,
+        send,
+        recv,
+    }))
 }

@@ -32,49 +32,63 @@ pub async fn serve(
             },
             () = drain.signaled() => break,
         };
-        let pi = pi.clone();
+        // Set up in a box of its own, so that what every idle connection keeps for its
+        // whole life is only the relay (see `proxy`).
+        let setup = Box::pin(accepted(pi.clone(), tcp, peer, own, sf.clone()));
         let hold = drain.clone();
-        let sf = sf.clone();
         tokio::spawn(
             async move {
                 let _hold = hold;
-                let _ = tcp.set_nodelay(true);
-                let dst = match super::original_dst(&tcp) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        let r = ConnectionResult::new(
-                            pi.metrics.clone(),
-                            Direction::Outbound,
-                            ConnInfo {
-                                src_addr: Some(peer),
-                                ..Default::default()
-                            },
-                        );
-                        r.finish(0, 0, Outcome::Error(Error::OriginalDst(e).to_string()));
-                        return;
-                    }
-                };
-                if own.is_some_and(|o| {
-                    o.port() == dst.port() && (o.ip().is_unspecified() || o.ip() == dst.ip())
-                }) && pi.local_workload(dst.ip()).is_none()
-                {
-                    let r = ConnectionResult::new(
-                        pi.metrics.clone(),
-                        Direction::Outbound,
-                        ConnInfo {
-                            src_addr: Some(peer),
-                            dst_addr: Some(dst),
-                            ..Default::default()
-                        },
-                    );
-                    r.finish(0, 0, Outcome::Error(Error::Loop(dst).to_string()));
-                    return;
+                if let Some(mut open) = setup.await {
+                    open.relay().await;
                 }
-                proxy(&pi, tcp, peer, dst, Entry::Capture, sf).await;
             }
             .instrument(info_span!("outbound", src = %peer)),
         );
     }
+}
+
+/// A captured connection: finds where it was going, refuses loops, opens the upstream.
+async fn accepted(
+    pi: Arc<ProxyInputs>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    own: Option<SocketAddr>,
+    sf: Arc<dyn SocketFactory>,
+) -> Option<Box<Open>> {
+    let _ = tcp.set_nodelay(true);
+    let dst = match super::original_dst(&tcp) {
+        Ok(d) => d,
+        Err(e) => {
+            let r = ConnectionResult::new(
+                pi.metrics.clone(),
+                Direction::Outbound,
+                ConnInfo {
+                    src_addr: Some(peer),
+                    ..Default::default()
+                },
+            );
+            r.finish(0, 0, Outcome::Error(Error::OriginalDst(e).to_string()));
+            return None;
+        }
+    };
+    if own
+        .is_some_and(|o| o.port() == dst.port() && (o.ip().is_unspecified() || o.ip() == dst.ip()))
+        && pi.local_workload(dst.ip()).is_none()
+    {
+        let r = ConnectionResult::new(
+            pi.metrics.clone(),
+            Direction::Outbound,
+            ConnInfo {
+                src_addr: Some(peer),
+                dst_addr: Some(dst),
+                ..Default::default()
+            },
+        );
+        r.finish(0, 0, Outcome::Error(Error::Loop(dst).to_string()));
+        return None;
+    }
+    open(&pi, tcp, peer, dst, Entry::Capture, sf).await
 }
 
 /// How the connection reached ztunnel, which decides how "connected" is reported.
@@ -95,6 +109,54 @@ pub async fn proxy(
     entry: Entry,
     sf: Arc<dyn SocketFactory>,
 ) {
+    // Boxed: connection setup (routing, certificates, a TLS handshake when the pool has no
+    // connection) is far bigger than the relay, and an unboxed future would keep that size
+    // for the whole life of every idle connection.
+    if let Some(mut open) = Box::pin(open(pi, tcp, src, dst, entry, sf)).await {
+        open.relay().await;
+    }
+}
+
+/// A connection whose upstream is open: all an idle proxied connection holds. Handed over
+/// boxed: a value returned from an `.await` is stored in the caller's future more than once.
+struct Open {
+    result: ConnectionResult,
+    tcp: TcpStream,
+    up: Upstream,
+}
+
+impl Open {
+    /// Moves bytes until both sides are done, then records the connection. By reference:
+    /// moving `self` into this future would store the connection twice.
+    async fn relay(&mut self) {
+        let (rx, tx, outcome) = match &mut self.up {
+            Upstream::Plain(up) => match tokio::io::copy_bidirectional(&mut self.tcp, up).await {
+                Ok((rx, tx)) => (rx, tx, Outcome::Ok),
+                Err(e) => (0, 0, Outcome::Error(Error::from(e).to_string())),
+            },
+            Upstream::Tunnel(t) => {
+                let (stats, res) = mesh_hbone::relay(&self.tcp, &mut t.send, &mut t.recv).await;
+                let outcome = match res {
+                    Ok(()) => Outcome::Ok,
+                    Err(e) => Outcome::Error(Error::from(e).to_string()),
+                };
+                (stats.tcp_to_tunnel, stats.tunnel_to_tcp, outcome)
+            }
+        };
+        self.result.finish(rx, tx, outcome);
+    }
+}
+
+/// Everything before the relay: routing, the upstream, the SOCKS5 reply. `None` when the
+/// connection already ended (and was recorded).
+async fn open(
+    pi: &ProxyInputs,
+    mut tcp: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+    entry: Entry,
+    sf: Arc<dyn SocketFactory>,
+) -> Option<Box<Open>> {
     let result = ConnectionResult::new(
         pi.metrics.clone(),
         Direction::Outbound,
@@ -104,28 +166,7 @@ pub async fn proxy(
             ..Default::default()
         },
     );
-    let (rx, tx, outcome) = match run(pi, tcp, src, dst, &result, entry, sf).await {
-        Ok((rx, tx)) => (rx, tx, Outcome::Ok),
-        Err((rx, tx, e)) => (rx, tx, Outcome::Error(e.to_string())),
-    };
-    result.finish(rx, tx, outcome);
-}
-
-type Failure = (u64, u64, Error);
-
-async fn run(
-    pi: &ProxyInputs,
-    mut tcp: TcpStream,
-    src: SocketAddr,
-    dst: SocketAddr,
-    result: &ConnectionResult,
-    entry: Entry,
-    sf: Arc<dyn SocketFactory>,
-) -> Result<(u64, u64), Failure> {
-    // Boxed: connection setup (routing, certificates, a TLS handshake when the pool has no
-    // connection) is far bigger than the relay, and an unboxed future would keep that size
-    // for the whole life of every idle connection.
-    let opened = Box::pin(run_to_open(pi, src, dst, result, sf)).await;
+    let opened = run_to_open(pi, src, dst, &result, sf).await;
     if entry == Entry::Socks5 {
         let code = match &opened {
             Ok(_) => super::socks5::REP_OK,
@@ -136,22 +177,16 @@ async fn run(
             }
             Err(_) => super::socks5::REP_REFUSED,
         };
-        super::socks5::reply(&mut tcp, code)
-            .await
-            .map_err(|e| (0, 0, e.into()))?;
+        if let Err(e) = super::socks5::reply(&mut tcp, code).await {
+            result.finish(0, 0, Outcome::Error(Error::from(e).to_string()));
+            return None;
+        }
     }
-    match opened.map_err(|e| (0, 0, e))? {
-        Upstream::Plain(mut up) => match tokio::io::copy_bidirectional(&mut tcp, &mut up).await {
-            Ok((rx, tx)) => Ok((rx, tx)),
-            Err(e) => Err((0, 0, e.into())),
-        },
-        Upstream::Tunnel(t) => {
-            let (send, recv, _keep) = t.into_parts();
-            let (stats, res) = mesh_hbone::relay(&tcp, send, recv).await;
-            match res {
-                Ok(()) => Ok((stats.tcp_to_tunnel, stats.tunnel_to_tcp)),
-                Err(e) => Err((stats.tcp_to_tunnel, stats.tunnel_to_tcp, e.into())),
-            }
+    match opened {
+        Ok(up) => Some(Box::new(Open { result, tcp, up })),
+        Err(e) => {
+            result.finish(0, 0, Outcome::Error(e.to_string()));
+            None
         }
     }
 }
