@@ -319,7 +319,14 @@ async fn admin_endpoints_dump_config_and_report_readiness() {
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["allocator"], "jemalloc");
-    for key in ["allocated", "active", "resident", "mapped", "metadata", "retained"] {
+    for key in [
+        "allocated",
+        "active",
+        "resident",
+        "mapped",
+        "metadata",
+        "retained",
+    ] {
         assert!(v[key].is_u64(), "{key} in {body}");
     }
     assert!(v["process_rss"].as_u64().unwrap() > 0, "{body}");

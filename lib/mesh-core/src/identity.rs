@@ -4,7 +4,7 @@
 //! of `[A-Za-z0-9._-]`, no empty, `.` or `..` segments) because an identity that parses is
 //! trusted for authorization decisions.
 
-use std::{fmt, str::FromStr};
+use std::{cmp::Ordering, fmt, hash, str::FromStr, sync::Arc};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -13,11 +13,20 @@ const SCHEME: &str = "spiffe://";
 const MAX_LEN: usize = 2048;
 
 /// A verified-shape SPIFFE identity of an Istio workload.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Stored as the one URI string, shared by every clone, with the parts' offsets: an identity
+/// is cloned into every connection's pool key and record, where three owned strings were
+/// three allocations each time (and 72 bytes instead of 24 in every idle connection).
+/// Ordered by (trust domain, namespace, service account).
+#[derive(Clone)]
 pub struct Identity {
-    trust_domain: String,
-    namespace: String,
-    service_account: String,
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    uri: Arc<str>,
+    /// End of the trust domain; the namespace's start and end; the service account's start.
+    /// All fit: the URI is at most [`MAX_LEN`] bytes.
+    td_end: u16,
+    ns: (u16, u16),
+    sa_start: u16,
 }
 
 /// Why a string is not an Istio SPIFFE identity.
@@ -57,20 +66,55 @@ impl Identity {
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.uri[SCHEME.len()..usize::from(self.td_end)]
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.uri[usize::from(self.ns.0)..usize::from(self.ns.1)]
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.uri[usize::from(self.sa_start)..]
     }
 
     /// The same namespace and service account under another trust domain (alias matching).
     pub fn with_trust_domain(&self, trust_domain: &str) -> Result<Self, IdentityError> {
-        Self::new(trust_domain, &self.namespace, &self.service_account)
+        Self::new(trust_domain, self.namespace(), self.service_account())
+    }
+
+    fn parts(&self) -> (&str, &str, &str) {
+        (
+            self.trust_domain(),
+            self.namespace(),
+            self.service_account(),
+        )
+    }
+}
+
+impl PartialEq for Identity {
+    fn eq(&self, other: &Self) -> bool {
+        // The URI is a one-to-one spelling of the three parts (none contains '/').
+        self.uri == other.uri
+    }
+}
+
+impl Eq for Identity {}
+
+impl hash::Hash for Identity {
+    fn hash<H: hash::Hasher>(&self, h: &mut H) {
+        self.uri.hash(h);
+    }
+}
+
+impl PartialOrd for Identity {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Identity {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.parts().cmp(&other.parts())
     }
 }
 
@@ -128,21 +172,24 @@ impl FromStr for Identity {
                 });
             }
         }
+        // Offsets into `s`: the checks above make it exactly
+        // "spiffe://" td "/ns/" ns "/sa/" sa, and MAX_LEN keeps them below u16::MAX.
+        let td_end = SCHEME.len() + td.len();
+        let ns_start = td_end + "/ns/".len();
+        let ns_end = ns_start + ns.len();
+        let off = |n: usize| u16::try_from(n).map_err(|_| IdentityError::TooLong);
         Ok(Identity {
-            trust_domain: td.to_owned(),
-            namespace: ns.to_owned(),
-            service_account: sa.to_owned(),
+            uri: Arc::from(s),
+            td_end: off(td_end)?,
+            ns: (off(ns_start)?, off(ns_end)?),
+            sa_start: off(ns_end + "/sa/".len())?,
         })
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{SCHEME}{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        f.write_str(&self.uri)
     }
 }
 
@@ -203,6 +250,20 @@ mod tests {
     #[test_case("spiffe://cluster.local/ns/a/sa/b?x=1" => matches IdentityError::Segment { .. } ; "query")]
     fn rejects(s: &str) -> IdentityError {
         s.parse::<Identity>().unwrap_err()
+    }
+
+    #[test]
+    fn clones_share_one_string_and_order_by_parts() {
+        let a: Identity = "spiffe://a/ns/x/sa/y".parse().unwrap();
+        let b = a.clone();
+        assert!(std::ptr::eq(a.uri.as_ptr(), b.uri.as_ptr()));
+        assert_eq!(std::mem::size_of::<Option<Identity>>(), 24);
+        // By parts, "a" < "a.b" (the URIs compare the other way: '/' > '.').
+        let c: Identity = "spiffe://a.b/ns/x/sa/y".parse().unwrap();
+        assert!(a < c);
+        let d: Identity = "spiffe://a/ns/x/sa/z".parse().unwrap();
+        assert!(a < d && d < c);
+        assert_eq!(a.with_trust_domain("a.b").unwrap(), c);
     }
 
     #[test]

@@ -263,6 +263,10 @@ impl ConnectionResult {
         {
             let l = self.metrics.intern(p.info.labels(self.reporter));
             self.metrics.opened.get_or_create(&l).inc();
+            // The shared labels spell both identities from now on; an idle connection need
+            // not keep its own copies.
+            p.info.src_identity = None;
+            p.info.dst_identity = None;
             p.opened_labels = Some(l);
         }
     }
@@ -284,12 +288,17 @@ impl ConnectionResult {
             .get_or_create(&labels)
             .inc_by(received);
         self.metrics.sent.get_or_create(&labels).inc_by(sent);
-        self.log(&p.info, received, sent, &outcome);
+        self.log(&p.info, &labels, received, sent, &outcome);
     }
 
-    fn log(&self, i: &ConnInfo, received: u64, sent: u64, outcome: &Outcome) {
+    fn log(&self, i: &ConnInfo, l: &ConnLabels, received: u64, sent: u64, outcome: &Outcome) {
         let d = |v: &Option<SocketAddr>| v.map(|a| a.to_string()).unwrap_or_default();
-        let id = |v: &Option<Identity>| v.as_ref().map(|a| a.to_string()).unwrap_or_default();
+        // Identities moved into the labels when the connection opened.
+        let id = |v: &Option<Identity>, principal: &str| match v {
+            Some(a) => a.to_string(),
+            None if principal != "unknown" => principal.to_owned(),
+            None => String::new(),
+        };
         let wl = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.name.clone()).unwrap_or_default();
         let ns =
             |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.namespace.clone()).unwrap_or_default();
@@ -303,16 +312,16 @@ impl ConnectionResult {
             Outcome::Ok => info!(
                 target: "access",
                 direction = %self.direction,
-                src.addr = d(&i.src_addr), src.workload = wl(&i.src_workload), src.namespace = ns(&i.src_workload), src.identity = id(&i.src_identity),
-                dst.addr = d(&i.dst_addr), dst.hbone_addr = d(&i.dst_hbone_addr), dst.service = svc, dst.workload = wl(&i.dst_workload), dst.namespace = ns(&i.dst_workload), dst.identity = id(&i.dst_identity),
+                src.addr = d(&i.src_addr), src.workload = wl(&i.src_workload), src.namespace = ns(&i.src_workload), src.identity = id(&i.src_identity, &l.source_principal),
+                dst.addr = d(&i.dst_addr), dst.hbone_addr = d(&i.dst_hbone_addr), dst.service = svc, dst.workload = wl(&i.dst_workload), dst.namespace = ns(&i.dst_workload), dst.identity = id(&i.dst_identity, &l.destination_principal),
                 bytes_sent = sent, bytes_recv = received, duration_ms,
                 "connection complete"
             ),
             Outcome::Denied { policy, reason } => warn!(
                 target: "access",
                 direction = %self.direction,
-                src.addr = d(&i.src_addr), src.workload = wl(&i.src_workload), src.namespace = ns(&i.src_workload), src.identity = id(&i.src_identity),
-                dst.addr = d(&i.dst_addr), dst.hbone_addr = d(&i.dst_hbone_addr), dst.service = svc, dst.workload = wl(&i.dst_workload), dst.namespace = ns(&i.dst_workload), dst.identity = id(&i.dst_identity),
+                src.addr = d(&i.src_addr), src.workload = wl(&i.src_workload), src.namespace = ns(&i.src_workload), src.identity = id(&i.src_identity, &l.source_principal),
+                dst.addr = d(&i.dst_addr), dst.hbone_addr = d(&i.dst_hbone_addr), dst.service = svc, dst.workload = wl(&i.dst_workload), dst.namespace = ns(&i.dst_workload), dst.identity = id(&i.dst_identity, &l.destination_principal),
                 bytes_sent = sent, bytes_recv = received, duration_ms,
                 policy = policy.as_deref().unwrap_or("-"), reason = %reason,
                 error = "connection denied by policy",
@@ -321,8 +330,8 @@ impl ConnectionResult {
             Outcome::Error(e) => warn!(
                 target: "access",
                 direction = %self.direction,
-                src.addr = d(&i.src_addr), src.workload = wl(&i.src_workload), src.namespace = ns(&i.src_workload), src.identity = id(&i.src_identity),
-                dst.addr = d(&i.dst_addr), dst.hbone_addr = d(&i.dst_hbone_addr), dst.service = svc, dst.workload = wl(&i.dst_workload), dst.namespace = ns(&i.dst_workload), dst.identity = id(&i.dst_identity),
+                src.addr = d(&i.src_addr), src.workload = wl(&i.src_workload), src.namespace = ns(&i.src_workload), src.identity = id(&i.src_identity, &l.source_principal),
+                dst.addr = d(&i.dst_addr), dst.hbone_addr = d(&i.dst_hbone_addr), dst.service = svc, dst.workload = wl(&i.dst_workload), dst.namespace = ns(&i.dst_workload), dst.identity = id(&i.dst_identity, &l.destination_principal),
                 bytes_sent = sent, bytes_recv = received, duration_ms,
                 error = %e,
                 "connection complete"

@@ -130,10 +130,14 @@ impl Open {
     /// moving `self` into this future would store the connection twice.
     async fn relay(&mut self) {
         let (rx, tx, outcome) = match &mut self.up {
-            Upstream::Plain(up) => match tokio::io::copy_bidirectional(&mut self.tcp, up).await {
-                Ok((rx, tx)) => (rx, tx, Outcome::Ok),
-                Err(e) => (0, 0, Outcome::Error(Error::from(e).to_string())),
-            },
+            // Boxed: passthrough is the rare case, and its copy state is larger than the
+            // tunnel relay's; unboxed it would size every connection's task.
+            Upstream::Plain(up) => {
+                match Box::pin(tokio::io::copy_bidirectional(&mut self.tcp, up)).await {
+                    Ok((rx, tx)) => (rx, tx, Outcome::Ok),
+                    Err(e) => (0, 0, Outcome::Error(Error::from(e).to_string())),
+                }
+            }
             Upstream::Tunnel(t) => {
                 let (stats, res) = mesh_hbone::relay(&self.tcp, &mut t.send, &mut t.recv).await;
                 let outcome = match res {
