@@ -136,6 +136,19 @@ def proc_cpu(pid):
     return sum(int(x) for x in fields[11:15]) / HZ
 
 
+def proc_rss_anon(pid):
+    """Anonymous resident memory (heap, stacks) in KiB: RSS without the file-backed pages
+    (the binary's code, which is page cache and is touched once)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
 def proc_mem(pid):
     """(RSS, PSS) in KiB."""
     rss = pss = 0

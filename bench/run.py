@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     CLI_IP, LOAD_CPU, NA_CLI, NB_NA, PORT_ECHO, PORT_IPERF, PORT_SOCKPERF, PROXY_CPU, ROOT,
     SRV_IP, Lab, Sut, capture_outbound, hbone_workload, cpu_window, log, median_range, proc_mem,
+    proc_rss_anon,
     release_capture, sh, wait_http)
 import shared  # noqa: E402
 import wseries  # noqa: E402
@@ -179,44 +180,71 @@ def connrate(lab, sut, seconds, tool):
             "sys_cpu_us_per_conn": sys_cpu / n * 1e6}
 
 
-def idle_memory(lab, sut, count, settle, tool, work):
-    srv = lab.spawn("srv", [tool, "server", "--listen", f"{SRV_IP}:{PORT_ECHO}"], cpu=LOAD_CPU)
-    time.sleep(0.3)
+L7_WARM = 100  # connections opened and closed before the baseline is read
+
+
+def hold(lab, sut, count, tool, work, at_peak):
+    """Opens `count` idle connections through `sut`, calls `at_peak()` while they are all
+    open, closes them; returns the holder's report."""
     ready = work / f"hold-{sut.name}-{count}"
     ready.unlink(missing_ok=True)
-    pids = sut.proxy_pids()
-    before = [proc_mem(p) for p in pids]
-    heap = {"before": sut.allocator_stats()}
     holder = lab.spawn("cli", [tool, "hold", "--to", f"{sut.target}:{PORT_ECHO}", "--count",
                                str(count), "--ready-file", str(ready), "--seconds", "600"],
                        cpu=LOAD_CPU, stdout=subprocess.PIPE)
     deadline = time.time() + 120
     while not ready.exists():
         if time.time() > deadline or holder.poll() is not None:
-            lab.stop([holder, srv])
+            lab.stop([holder])
             raise RuntimeError(f"holder for {sut.name} did not open {count} connections")
         time.sleep(0.1)
-    time.sleep(1.0)
-    peak = [proc_mem(p) for p in pids]
-    heap["peak"] = sut.allocator_stats()
+    at_peak()
     ready.unlink()
     out, _ = holder.communicate(timeout=60)
     lab.procs.remove(holder)
-    held = json.loads(out)
-    time.sleep(settle)
-    after = [proc_mem(p) for p in pids]
-    heap["after"] = sut.allocator_stats()
-    lab.stop([srv])
+    return json.loads(out)
+
+
+def idle_memory(lab, sut, count, settle, tool, work):
+    srv = lab.spawn("srv", [tool, "server", "--listen", f"{SRV_IP}:{PORT_ECHO}"], cpu=LOAD_CPU)
+    try:
+        time.sleep(0.3)
+        pids = sut.proxy_pids()
+        # The baseline is a proxy that has served a few connections (code paged in, one
+        # warm tunnel, lazily built state), not one that never saw traffic.
+        hold(lab, sut, L7_WARM, tool, work, lambda: None)
+        time.sleep(2.0)
+        before = [proc_mem(p) for p in pids]
+        before_anon = [proc_rss_anon(p) for p in pids]
+        heap = {"before": sut.allocator_stats()}
+        peak, peak_anon = [], []
+
+        def at_peak():
+            time.sleep(1.0)
+            peak.extend(proc_mem(p) for p in pids)
+            peak_anon.extend(proc_rss_anon(p) for p in pids)
+            heap["peak"] = sut.allocator_stats()
+
+        held = hold(lab, sut, count, tool, work, at_peak)
+        time.sleep(settle)
+        after = [proc_mem(p) for p in pids]
+        after_anon = [proc_rss_anon(p) for p in pids]
+        heap["after"] = sut.allocator_stats()
+    finally:
+        lab.stop([srv])
+
+    def pct(a, b):
+        return round(100 * (a - b) / b, 1) if b else None
     per = [((pk[0] - b[0]) * 1024 / count, (pk[1] - b[1]) * 1024 / count)
            for b, pk in zip(before, peak)]
-    return {"opened": held["opened"], "failed": held["failed"],
+    return {"opened": held["opened"], "failed": held["failed"], "warm_connections": L7_WARM,
             "rss_kb": {"before": [b[0] for b in before], "peak": [p[0] for p in peak],
                        "after": [a[0] for a in after]},
+            "rss_anon_kb": {"before": before_anon, "peak": peak_anon, "after": after_anon},
             "bytes_per_conn_rss": [round(p[0]) for p in per],
             "bytes_per_conn_pss": [round(p[1]) for p in per],
             "retained_kb_after": [a[0] - b[0] for a, b in zip(after, before)],
-            "retained_pct_after": [round(100 * (a[0] - b[0]) / b[0], 1) if b[0] else None
-                                   for a, b in zip(after, before)],
+            "retained_pct_after": [pct(a[0], b[0]) for a, b in zip(after, before)],
+            "retained_anon_pct_after": [pct(a, b) for a, b in zip(after_anon, before_anon)],
             "allocator": heap}
 
 
@@ -333,11 +361,12 @@ def markdown(result):
                                  f"{v['max']} | {v['n']} |")
     if result.get("L7"):
         lines += ["", "| L7 idle connections | SUT | bytes/conn RSS (client, server) | "
-                  "retained after close % |", "|---|---|---|---|"]
+                  "retained after close: RSS % | anonymous RSS % |", "|---|---|---|---|---|"]
         for count, by_sut in result["L7"].items():
             for sut, m in by_sut.items():
                 lines.append(f"| {count} | {sut} | {m['bytes_per_conn_rss']} | "
-                             f"{m['retained_pct_after']} |")
+                             f"{m['retained_pct_after']} | "
+                             f"{m.get('retained_anon_pct_after')} |")
     lines += ["", "## Honesty checklist", ""] + [f"- {c}" for c in result["checklist"]]
     return "\n".join(lines) + "\n"
 
@@ -526,6 +555,8 @@ def main():
                 m["bytes_per_conn_rss"], default=None)
             result["summary"]["L7"][f"{sut}_{count}_retained_pct"] = max(
                 (x for x in m["retained_pct_after"] if x is not None), default=None)
+            result["summary"]["L7"][f"{sut}_{count}_retained_anon_pct"] = max(
+                (x for x in m["retained_anon_pct_after"] if x is not None), default=None)
     spreads = [v["max"] / v["min"] - 1 for r in [detail.get("L1", {})]
                for s in r.values() for v in [s.get("vs_nomesh")] if v and v["min"]]
     # performance.md §4.1: a no-mesh spread over 10% makes the run unstable (repeat it).
@@ -552,6 +583,11 @@ def main():
         f"{len(result['errors'])}",
         "the no-mesh and ruler numbers are from the same run (in result.reps)",
     ] + ([
+        f"L7: baseline read after {L7_WARM} connections were opened and closed through the "
+        f"SUT (2 s before); peak 1 s after all are open; retention {l7_settle} s after the "
+        "burst closed, as RSS and as anonymous RSS (without the binary's file-backed pages); "
+        "our ztunnels' jemalloc counters (/debug/memory) at each point are in the JSON",
+    ] if result["L7"] else []) + ([
         f"W-series: {result['machine']['nginx']}, {result['machine']['wrk']}; backend nginx "
         "(1 worker, 1 KiB) on the load core; proxy on core 1: a one-worker nginx (TLS 1.3, "
         "P-256, X25519, AES-128-GCM, no session cache/tickets, upstream keep-alive) or our "

@@ -16,6 +16,42 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[unsafe(export_name = "_rjem_malloc_conf")]
 pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:2000,muzzy_decay_ms:0\0";
 
+/// How often a data-plane worker gives back its jemalloc thread cache.
+const TCACHE_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Run when a data-plane worker parks: at most every [`TCACHE_FLUSH_EVERY`], returns the
+/// objects cached in this thread's jemalloc cache to the arena. jemalloc trims a thread's
+/// cache only as that thread allocates, so an idle worker kept what a burst left in it
+/// (about 1 MB after 10,000 connections closed) until traffic came back; the pages behind
+/// them could not be purged. Parking is the moment the worker is idle, and the worker wakes
+/// up regularly (keepalive pings, the pool reaper), so the cache goes within seconds.
+#[allow(unsafe_code)]
+fn flush_thread_cache_if_due() {
+    use std::{cell::Cell, time::Instant};
+    thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
+    let now = Instant::now();
+    let due = LAST.with(|l| match l.get() {
+        Some(t) if now.duration_since(t) < TCACHE_FLUSH_EVERY => false,
+        _ => {
+            l.set(Some(now));
+            true
+        }
+    });
+    if due {
+        // SAFETY: "thread.tcache.flush" takes no input or output (all pointers null, length
+        // 0) and only touches the calling thread's cache.
+        unsafe {
+            tikv_jemalloc_sys::mallctl(
+                c"thread.tcache.flush".as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            );
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cfg = match Args::parse().validate() {
         Ok(c) => c,
@@ -61,6 +97,7 @@ fn main() -> std::process::ExitCode {
     let data_rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.worker_threads)
         .thread_name("ztunnel-proxy")
+        .on_thread_park(flush_thread_cache_if_due)
         .enable_all()
         .build()
     {
