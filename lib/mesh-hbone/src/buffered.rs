@@ -5,21 +5,23 @@
 //! into a [`TLS_READ_BUFFER`] first turns that into one syscall per 64 KiB, and rustls is fed
 //! from memory.
 //!
-//! Unlike `tokio::io::BufReader`, the buffer is released as soon as it is drained and the
-//! socket has nothing more to read (the read returned `Pending`), and allocated again when
-//! the socket becomes readable. An idle HBONE connection — and after a burst a pool holds
-//! many, as does every server side — then costs no buffer memory; a busy one allocates at
-//! most once per wake-up, which is noise next to decrypting what it reads.
+//! Unlike `tokio::io::BufReader`, the buffer is given up as soon as it is drained and the
+//! socket has nothing more to read (the read returned `Pending`), and taken again when the
+//! socket becomes readable. An idle HBONE connection — during a burst a pool holds many, as
+//! does every server side — then holds no buffer. Given-up buffers go to a small stash per
+//! thread ([`SPARE_PER_THREAD`]) that the next wake-up takes from: freeing and allocating
+//! 64 KiB at every wake-up instead made jemalloc purge and fault the pages back in, which
+//! raised the p99 of a 64-byte ping-pong through the mesh (L3) from 0.21 ms to 0.98 ms.
 //!
 //! Writes pass straight through (vectored).
 
 use std::{
+    cell::RefCell,
     io,
     pin::Pin,
     task::{Context, Poll, ready},
 };
 
-use bytes::{Buf, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -28,19 +30,56 @@ use tokio::{
 /// Read buffer size under TLS.
 pub const TLS_READ_BUFFER: usize = 64 * 1024;
 
+/// Idle read buffers kept per thread for the next wake-up (at most 512 KiB per thread).
+pub const SPARE_PER_THREAD: usize = 8;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Vec<u8> {
+    SPARE
+        .try_with(|s| s.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Vec::with_capacity(TLS_READ_BUFFER))
+}
+
+fn give_back(mut buf: Vec<u8>) {
+    if buf.capacity() < TLS_READ_BUFFER {
+        return;
+    }
+    buf.clear();
+    let _ = SPARE.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_PER_THREAD {
+            s.push(buf);
+        }
+    });
+}
+
 /// A TCP socket with up to [`TLS_READ_BUFFER`] of read buffering, to put under TLS.
 #[derive(Debug)]
 pub struct BufferedTcp {
     io: TcpStream,
-    /// Read but not yet consumed; empty and unallocated while the socket is idle.
-    buf: BytesMut,
+    /// Bytes read from the socket; `buf[pos..]` is not consumed yet. Without capacity while
+    /// the socket is idle.
+    buf: Vec<u8>,
+    pos: usize,
 }
 
 /// Wraps a connected socket for TLS.
 pub fn buffered(tcp: TcpStream) -> BufferedTcp {
     BufferedTcp {
         io: tcp,
-        buf: BytesMut::new(),
+        buf: Vec::new(),
+        pos: 0,
+    }
+}
+
+impl Drop for BufferedTcp {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.buf));
     }
 }
 
@@ -63,31 +102,36 @@ impl AsyncRead for BufferedTcp {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.buf.is_empty() {
+        if this.pos == this.buf.len() {
             if out.remaining() >= TLS_READ_BUFFER {
                 // A large read gains nothing from the buffer.
-                this.buf = BytesMut::new();
+                give_back(std::mem::take(&mut this.buf));
+                this.pos = 0;
                 return Pin::new(&mut this.io).poll_read(cx, out);
             }
-            // Allocates after an idle spell; otherwise takes back the drained block.
-            this.buf.reserve(TLS_READ_BUFFER);
+            if this.buf.capacity() == 0 {
+                this.buf = take_buffer();
+            }
+            this.buf.clear();
+            this.pos = 0;
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
                 Poll::Pending => {
-                    // Idle: hold no memory until the socket is readable again.
-                    this.buf = BytesMut::new();
+                    // Idle: hold no buffer until the socket is readable again.
+                    give_back(std::mem::take(&mut this.buf));
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => {
-                    this.buf = BytesMut::new();
+                    give_back(std::mem::take(&mut this.buf));
                     return Poll::Ready(Err(e));
                 }
                 // 0 bytes is EOF: `out` stays unfilled, which says so to the caller.
                 Poll::Ready(Ok(_)) => {}
             }
         }
-        let n = out.remaining().min(this.buf.len());
-        out.put_slice(&this.buf[..n]);
-        this.buf.advance(n);
+        let unread = &this.buf[this.pos..];
+        let n = out.remaining().min(unread.len());
+        out.put_slice(&unread[..n]);
+        this.pos += n;
         Poll::Ready(Ok(()))
     }
 }
