@@ -19,7 +19,7 @@ use std::{
     cell::RefCell,
     io,
     pin::Pin,
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
 };
 
 use tokio::{
@@ -162,8 +162,7 @@ impl AsyncWrite for BufferedTcp {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(Pin::new(&mut self.get_mut().io).poll_shutdown(cx))?;
-        Poll::Ready(Ok(()))
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

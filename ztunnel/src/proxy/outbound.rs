@@ -60,15 +60,11 @@ async fn accepted(
     let dst = match super::original_dst(&tcp) {
         Ok(d) => d,
         Err(e) => {
-            let r = ConnectionResult::new(
-                pi.metrics.clone(),
-                Direction::Outbound,
-                ConnInfo {
-                    src_addr: Some(peer),
-                    ..Default::default()
-                },
-            );
-            r.finish(0, 0, Outcome::Error(Error::OriginalDst(e).to_string()));
+            let info = ConnInfo {
+                src_addr: Some(peer),
+                ..Default::default()
+            };
+            record_failure(&pi, info, Error::OriginalDst(e));
             return None;
         }
     };
@@ -76,19 +72,24 @@ async fn accepted(
         .is_some_and(|o| o.port() == dst.port() && (o.ip().is_unspecified() || o.ip() == dst.ip()))
         && pi.local_workload(dst.ip()).is_none()
     {
-        let r = ConnectionResult::new(
-            pi.metrics.clone(),
-            Direction::Outbound,
-            ConnInfo {
-                src_addr: Some(peer),
-                dst_addr: Some(dst),
-                ..Default::default()
-            },
-        );
-        r.finish(0, 0, Outcome::Error(Error::Loop(dst).to_string()));
+        let info = ConnInfo {
+            src_addr: Some(peer),
+            dst_addr: Some(dst),
+            ..Default::default()
+        };
+        record_failure(&pi, info, Error::Loop(dst));
         return None;
     }
     open(&pi, tcp, peer, dst, Entry::Capture, sf).await
+}
+
+/// Records a connection that ended before it had a route.
+fn record_failure(pi: &ProxyInputs, info: ConnInfo, e: Error) {
+    ConnectionResult::new(pi.metrics.clone(), Direction::Outbound, info).finish(
+        0,
+        0,
+        Outcome::Error(e.to_string()),
+    );
 }
 
 /// How the connection reached ztunnel, which decides how "connected" is reported.
