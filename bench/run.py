@@ -384,6 +384,8 @@ def main():
                     f"{QUICK_SCENARIOS}); W1 and W3 are the waypoint against nginx")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--external", help="path of another ztunnel binary to compare (e.g. Istio's)")
+    ap.add_argument("--candidate", help="path of another build of our ztunnel, run as `candidate` "
+                    "with ours' configuration in the same reps (an A/B of a change)")
     ap.add_argument("--no-shared", action="store_true",
                     help="leave out ours_shared (ztunnel in shared mode, pods handed over ZDS)")
     ap.add_argument("--shared", action="store_true", help="run ours_shared also with --quick")
@@ -452,6 +454,8 @@ def main():
                 Ztunnel(lab, work, str(zt), "ours", a.workers)]
         if with_shared:
             suts.append(shared.ZtunnelShared(lab, work, str(zt), str(agent), a.workers))
+        if a.candidate:
+            suts.append(Ztunnel(lab, work, a.candidate, "candidate", a.workers))
         if a.external:
             suts.append(Ztunnel(lab, work, a.external, "external", a.workers, external=True))
         if "L6" in scenarios:

@@ -26,8 +26,16 @@ pub fn client_config(
     cert: &WorkloadCert,
     expected: Vec<Identity>,
 ) -> Result<ClientConfig, TlsError> {
+    client_config_with(cert, expected, crate::provider())
+}
+
+pub(crate) fn client_config_with(
+    cert: &WorkloadCert,
+    expected: Vec<Identity>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<ClientConfig, TlsError> {
     let verifier = ServerIdentityVerifier::new(&cert.roots, expected)?;
-    let mut cfg = ClientConfig::builder_with_provider(crate::provider())
+    let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
@@ -39,8 +47,16 @@ pub fn client_config(
 
 /// A server config presenting `cert` and requiring a client certificate of `policy`.
 pub fn server_config(cert: &WorkloadCert, policy: TrustPolicy) -> Result<ServerConfig, TlsError> {
+    server_config_with(cert, policy, crate::provider())
+}
+
+pub(crate) fn server_config_with(
+    cert: &WorkloadCert,
+    policy: TrustPolicy,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<ServerConfig, TlsError> {
     let verifier = ClientIdentityVerifier::new(&cert.roots, policy)?;
-    let mut cfg = ServerConfig::builder_with_provider(crate::provider())
+    let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(cert.chain.clone(), cert.private_key())?;
