@@ -33,18 +33,20 @@ pub async fn serve(
             () = drain.signaled() => break,
         };
         // Set up in a box of its own, so that what every idle connection keeps for its
-        // whole life is only the relay (see `proxy`).
-        let setup = Box::pin(accepted(pi.clone(), tcp, peer, own, sf.clone()));
-        let hold = drain.clone();
-        tokio::spawn(
-            async move {
-                let _hold = hold;
-                if let Some(mut open) = setup.await {
-                    open.relay().await;
-                }
-            }
-            .instrument(info_span!("outbound", src = %peer)),
+        // whole life is only the relay (see `proxy`). Only the setup carries the span: the
+        // relay logs nothing itself (its end is the connection record, which names src),
+        // and a span held for the connection's life moved the task to the next size class.
+        let setup = Box::pin(
+            accepted(pi.clone(), tcp, peer, own, sf.clone())
+                .instrument(info_span!("outbound", src = %peer)),
         );
+        let hold = drain.clone();
+        tokio::spawn(async move {
+            let _hold = hold;
+            if let Some(mut open) = setup.await {
+                open.relay().await;
+            }
+        });
     }
 }
 
