@@ -148,6 +148,7 @@ async fn stream(proxy: Arc<Proxy>, peer: Option<Identity>, src: SocketAddr, inc:
             peer: peer.clone(),
             src,
             dst,
+            labels: Default::default(),
         };
         let d = authorize_tcp(&snap, &down, &target);
         if !d.allowed {
@@ -190,7 +191,12 @@ async fn stream(proxy: Arc<Proxy>, peer: Option<Identity>, src: SocketAddr, inc:
         }
     };
     let io = Rewind::new(head.freeze(), io);
-    let down = Arc::new(Downstream { peer, src, dst });
+    let down = Arc::new(Downstream {
+        peer,
+        src,
+        dst,
+        labels: Default::default(),
+    });
     match proto {
         Detected::Opaque | Detected::NeedMore => tcp(proxy, down, target, io).await,
         Detected::Http1 | Detected::Http2 => http(proxy, down, io).await,

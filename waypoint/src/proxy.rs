@@ -29,7 +29,7 @@ use tracing::debug;
 
 use crate::{
     config::Config,
-    metrics::{Metrics, Record, RequestLabels},
+    metrics::{DestinationLabels, LabelCache, Metrics, Record, RequestLabels, ServiceLabels},
     ratelimit::Limiter,
     route::{self, Backend, BackendService, Entry, RetrySpec, RewriteSpec, RouteKind},
     state::{PortProtocol, Snapshot, Store, Target},
@@ -68,12 +68,14 @@ impl std::fmt::Debug for Proxy {
 }
 
 /// The HBONE stream a request arrived on.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Downstream {
     pub peer: Option<Identity>,
     pub src: std::net::SocketAddr,
     /// The CONNECT authority (service VIP:port or workload IP:port).
     pub dst: std::net::SocketAddr,
+    /// Metric labels and series reused by this connection's requests.
+    pub labels: LabelCache,
 }
 
 /// A local reply or an upstream response, with what the log should say about it.
@@ -111,55 +113,19 @@ fn local(status: StatusCode, body: &'static str, flag: &'static str, reason: Str
 
 fn labels(snap: &Snapshot, down: &Downstream, target: Option<&Target>) -> RequestLabels {
     let src = snap.mesh.workload_by_ip("", down.src.ip());
-    let (svc_host, svc_ns, svc_name) = match target {
-        Some(Target::Service { service, .. }) => (
-            service.hostname.clone(),
-            service.namespace.clone(),
-            service.name.clone(),
-        ),
-        _ => ("unknown".into(), "unknown".into(), "unknown".into()),
-    };
-    let s = |v: Option<String>| {
-        v.filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "unknown".into())
-    };
     RequestLabels {
         reporter: "waypoint",
-        source_workload: s(src.as_ref().map(|w| w.workload_name().to_string())),
-        source_workload_namespace: s(src.as_ref().map(|w| w.namespace.clone())),
-        source_principal: s(down.peer.as_ref().map(|p| p.to_string())),
-        source_app: s(src.as_ref().map(|w| w.canonical_service().to_string())),
-        source_version: s(src.as_ref().map(|w| w.canonical_revision().to_string())),
-        source_cluster: s(src.as_ref().map(|w| w.cluster_id.clone())),
-        destination_service: svc_host,
-        destination_service_namespace: svc_ns,
-        destination_service_name: svc_name,
-        destination_workload: "unknown".into(),
-        destination_workload_namespace: "unknown".into(),
-        destination_principal: "unknown".into(),
-        destination_app: "unknown".into(),
-        destination_version: "unknown".into(),
-        destination_cluster: "unknown".into(),
+        src: down.labels.source(src, down.peer.as_ref()),
+        svc: match target {
+            Some(Target::Service { service, .. }) => down.labels.service(service),
+            _ => ServiceLabels::unknown(),
+        },
+        dst: DestinationLabels::unknown(),
         request_protocol: "http",
         response_code: 0,
         grpc_response_status: String::new(),
         response_flags: "-",
         connection_security_policy: "mutual_tls",
-    }
-}
-
-fn set_destination(l: &mut RequestLabels, ep: &Endpoint) {
-    let w = &ep.workload;
-    l.destination_workload = w.workload_name().to_string();
-    l.destination_workload_namespace = w.namespace.clone();
-    l.destination_principal = w
-        .identity()
-        .map(|i| i.to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    l.destination_app = w.canonical_service().to_string();
-    l.destination_version = w.canonical_revision().to_string();
-    if !w.cluster_id.is_empty() {
-        l.destination_cluster = w.cluster_id.clone();
     }
 }
 
@@ -207,8 +173,8 @@ impl Proxy {
             crate::trace::begin(self.tracing.as_ref(), &req, target.as_ref(), down.dst);
         let mut rec = Record {
             labels: labels(&snap, &down, target.as_ref()),
-            src_addr: down.src.to_string(),
-            dst_addr: down.dst.to_string(),
+            src_addr: down.src,
+            dst_addr: down.dst,
             upstream: None,
             authority: authority(&req),
             method: req.method().to_string(),
@@ -275,6 +241,7 @@ impl Proxy {
             started,
             bytes_in,
             metrics: self.metrics.clone(),
+            down,
         };
         *resp.body_mut() = fin.boxed_unsync();
         resp
@@ -421,7 +388,9 @@ impl Proxy {
                 workload: workload.clone(),
                 addr: *addr,
             };
-            return self.forward_direct(snap, wp, ep, req, rec, bytes_in).await;
+            return self
+                .forward_direct(snap, down, wp, ep, req, rec, bytes_in)
+                .await;
         };
         let table = snap.route_table(&svc, port);
         let entry: Option<Entry> = match &table {
@@ -635,7 +604,7 @@ impl Proxy {
                     }
                 };
                 tried.push(ep.workload.uid.clone());
-                set_destination(&mut rec.labels, &ep);
+                rec.labels.dst = down.labels.destination(&ep.workload);
                 rec.upstream = Some(ep.addr.to_string());
                 rec.upstream_protocol = protocol::name(h2);
                 let _in_flight = match self.upstream.begin(&ep, max) {
@@ -757,9 +726,11 @@ impl Proxy {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward_direct(
         &self,
         snap: &Snapshot,
+        down: &Downstream,
         wp: &crate::state::WaypointId,
         ep: Endpoint,
         req: Request<Incoming>,
@@ -789,7 +760,7 @@ impl Proxy {
         let tp = rec.trace.traceparent();
         rec.traceparent = tp.to_str().unwrap_or_default().to_string();
         parts.headers.insert("traceparent", tp);
-        set_destination(&mut rec.labels, &ep);
+        rec.labels.dst = down.labels.destination(&ep.workload);
         rec.upstream = Some(ep.addr.to_string());
         rec.upstream_protocol = protocol::name(h2);
         rec.attempts = 1;

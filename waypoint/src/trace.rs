@@ -305,11 +305,7 @@ pub fn to_span(rec: &Record, id: &Identity) -> Option<otlp::Span> {
     a.push(kv("request_size", rec.request_bytes.to_string()));
     a.push(kv("response_size", rec.response_bytes.to_string()));
     a.push(kv("user_agent", s.user_agent.as_deref().unwrap_or("-")));
-    let peer = rec
-        .src_addr
-        .parse::<std::net::SocketAddr>()
-        .map(|a| a.ip().to_canonical().to_string())
-        .unwrap_or_else(|_| rec.src_addr.clone());
+    let peer = rec.src_addr.ip().to_canonical().to_string();
     a.push(kv("peer.address", peer));
     if let Some(r) = &s.request_id {
         a.push(kv("guid:x-request-id", r));
@@ -325,25 +321,28 @@ pub fn to_span(rec: &Record, id: &Identity) -> Option<otlp::Span> {
         a.push(kv("grpc.status_code", &l.grpc_response_status));
     }
     for (k, v) in [
-        ("istio.source_principal", &l.source_principal),
-        ("istio.source_workload", &l.source_workload),
-        ("istio.source_namespace", &l.source_workload_namespace),
-        ("istio.source_canonical_service", &l.source_app),
-        ("istio.source_canonical_revision", &l.source_version),
-        ("istio.source_cluster_id", &l.source_cluster),
-        ("istio.destination_service", &l.destination_service),
-        ("istio.destination_principal", &l.destination_principal),
-        ("istio.destination_workload", &l.destination_workload),
+        ("istio.source_principal", &*l.src.source_principal),
+        ("istio.source_workload", &*l.src.source_workload),
+        ("istio.source_namespace", &*l.src.source_workload_namespace),
+        ("istio.source_canonical_service", &*l.src.source_app),
+        ("istio.source_canonical_revision", &*l.src.source_version),
+        ("istio.source_cluster_id", &*l.src.source_cluster),
+        ("istio.destination_service", &*l.svc.destination_service),
+        ("istio.destination_principal", &*l.dst.destination_principal),
+        ("istio.destination_workload", &*l.dst.destination_workload),
         (
             "istio.destination_namespace",
-            &l.destination_workload_namespace,
+            &*l.dst.destination_workload_namespace,
         ),
-        ("istio.destination_canonical_service", &l.destination_app),
+        (
+            "istio.destination_canonical_service",
+            &*l.dst.destination_app,
+        ),
         (
             "istio.destination_canonical_revision",
-            &l.destination_version,
+            &*l.dst.destination_version,
         ),
-        ("istio.destination_cluster_id", &l.destination_cluster),
+        ("istio.destination_cluster_id", &*l.dst.destination_cluster),
     ] {
         a.push(kv(k, v));
     }

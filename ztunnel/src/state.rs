@@ -28,9 +28,12 @@ pub struct Endpoint {
 #[derive(Debug, Default)]
 pub struct State {
     workloads: HashMap<String, Arc<Workload>>,
-    by_ip: HashMap<(String, IpAddr), Arc<Workload>>,
+    /// IP → the workloads holding it, one per network. Keyed by IP alone so that a lookup
+    /// (several per connection, one per waypoint request) allocates no key.
+    by_ip: HashMap<IpAddr, Vec<(String, Arc<Workload>)>>,
     services: HashMap<NamespacedHostname, Arc<Service>>,
-    by_vip: HashMap<(String, IpAddr), Arc<Service>>,
+    /// VIP → the services holding it, one per network (as `by_ip`).
+    by_vip: HashMap<IpAddr, Vec<(String, Arc<Service>)>>,
     endpoints: HashMap<NamespacedHostname, Vec<Endpoint>>,
     /// Lower-cased hostname → the services of every namespace carrying it (DNS proxy).
     by_hostname: HashMap<String, Vec<Arc<Service>>>,
@@ -107,7 +110,7 @@ impl State {
         self.by_hostname.clear();
         for w in self.workloads.values() {
             for ip in &w.workload_ips {
-                self.by_ip.insert((w.network.clone(), *ip), w.clone());
+                put(self.by_ip.entry(*ip).or_default(), &w.network, w);
             }
             for (svc, ports) in &w.services {
                 if let Ok(key) = svc.parse::<NamespacedHostname>() {
@@ -127,8 +130,11 @@ impl State {
                 .or_default()
                 .push(svc.clone());
             for vip in &svc.vips {
-                self.by_vip
-                    .insert((vip.network.clone(), vip.address), svc.clone());
+                put(
+                    self.by_vip.entry(vip.address).or_default(),
+                    &vip.network,
+                    svc,
+                );
             }
         }
         // Sorted here once, not on every DNS query.
@@ -138,7 +144,7 @@ impl State {
     }
 
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.by_ip.get(&(network.to_owned(), ip)).cloned()
+        find(self.by_ip.get(&ip)?, network)
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
@@ -146,7 +152,7 @@ impl State {
     }
 
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<Arc<Service>> {
-        self.by_vip.get(&(network.to_owned(), ip)).cloned()
+        find(self.by_vip.get(&ip)?, network)
     }
 
     pub fn service_by_host(&self, key: &NamespacedHostname) -> Option<Arc<Service>> {
@@ -213,6 +219,20 @@ impl State {
             policies: self.policies.values().map(|p| p.as_ref()).collect(),
         }
     }
+}
+
+/// Sets `network`'s entry of one IP's list (the last writer wins, as a map insert would).
+fn put<T>(list: &mut Vec<(String, Arc<T>)>, network: &str, v: &Arc<T>) {
+    match list.iter_mut().find(|(n, _)| n == network) {
+        Some(slot) => slot.1 = v.clone(),
+        None => list.push((network.to_owned(), v.clone())),
+    }
+}
+
+fn find<T>(list: &[(String, Arc<T>)], network: &str) -> Option<Arc<T>> {
+    list.iter()
+        .find(|(n, _)| n == network)
+        .map(|(_, v)| v.clone())
 }
 
 /// The config-dump view of the state.

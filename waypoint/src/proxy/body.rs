@@ -81,6 +81,7 @@ pub(super) struct Finish {
     pub(super) started: Instant,
     pub(super) bytes_in: Arc<AtomicU64>,
     pub(super) metrics: Arc<Metrics>,
+    pub(super) down: Arc<super::Downstream>,
 }
 
 impl Finish {
@@ -88,7 +89,7 @@ impl Finish {
         if let Some(mut r) = self.record.take() {
             r.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
             r.request_bytes = self.bytes_in.load(Ordering::Relaxed);
-            r.finish(&self.metrics);
+            r.finish(&self.metrics, &self.down.labels);
             crate::trace::finish(r);
         }
     }
