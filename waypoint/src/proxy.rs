@@ -325,52 +325,56 @@ impl Proxy {
                 );
             }
         };
-        let mut hv = std::collections::BTreeMap::new();
-        for (k, v) in req.headers() {
-            if let Ok(v) = v.to_str() {
-                hv.entry(k.as_str().to_string())
-                    .and_modify(|e: &mut String| {
-                        e.push(',');
-                        e.push_str(v);
-                    })
-                    .or_insert_with(|| v.to_string());
-            }
-        }
-        let view = View {
-            peer: down.peer.clone(),
-            src_ip: down.src.ip(),
-            dst_ip: down.dst.ip(),
-            dst_port: port,
-            http: Some(HttpView {
-                method: req.method().to_string(),
-                path: path.clone(),
-                host: rec.authority.clone(),
-                headers: hv,
-                jwt,
-            }),
-        };
         let (policies, _) = scope::waypoint_policies(&snap.policies, &snap.mesh_config, &wt);
-        let ctx = Ctx {
-            trust_domains: snap.mesh_config.trust_domain_bundle(),
-        };
-        let decision = rbac::evaluate(&policies, &view, &ctx);
-        rec.policy = decision.policy.clone();
-        if !decision.allowed {
-            rec.policy = decision.policy.clone().or_else(|| {
-                Some(
-                    policies
-                        .iter()
-                        .map(|p| p.key())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                )
-            });
-            return local(
-                StatusCode::FORBIDDEN,
-                "RBAC: access denied",
-                "RBAC",
-                decision.reason,
-            );
+        // No policy applies: allowed, and nothing to build a view for (evaluating an empty
+        // set decides exactly this, after copying every header into the view).
+        if !policies.is_empty() {
+            let mut hv = std::collections::BTreeMap::new();
+            for (k, v) in req.headers() {
+                if let Ok(v) = v.to_str() {
+                    hv.entry(k.as_str().to_string())
+                        .and_modify(|e: &mut String| {
+                            e.push(',');
+                            e.push_str(v);
+                        })
+                        .or_insert_with(|| v.to_string());
+                }
+            }
+            let view = View {
+                peer: down.peer.clone(),
+                src_ip: down.src.ip(),
+                dst_ip: down.dst.ip(),
+                dst_port: port,
+                http: Some(HttpView {
+                    method: req.method().to_string(),
+                    path,
+                    host: rec.authority.clone(),
+                    headers: hv,
+                    jwt,
+                }),
+            };
+            let ctx = Ctx {
+                trust_domains: snap.mesh_config.trust_domain_bundle(),
+            };
+            let decision = rbac::evaluate(&policies, &view, &ctx);
+            rec.policy = decision.policy.clone();
+            if !decision.allowed {
+                rec.policy = decision.policy.clone().or_else(|| {
+                    Some(
+                        policies
+                            .iter()
+                            .map(|p| p.key())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    )
+                });
+                return local(
+                    StatusCode::FORBIDDEN,
+                    "RBAC: access denied",
+                    "RBAC",
+                    decision.reason,
+                );
+            }
         }
 
         // ── route ────────────────────────────────────────────────────────────────────
