@@ -22,10 +22,7 @@ use hyper_util::{
 };
 use mesh_core::Identity;
 use mesh_hbone::{H2Settings, Incoming};
-use mesh_policy::{
-    rbac::{self, Ctx, View},
-    scope::{self, WaypointTarget},
-};
+use mesh_policy::rbac::{self, Ctx, View};
 use mesh_rt::drain::DrainWatcher;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -238,7 +235,7 @@ fn authorize_tcp(
     down: &Downstream,
     target: &Target,
 ) -> rbac::RbacDecision {
-    let Some(wp) = snap.waypoint.as_ref() else {
+    if snap.waypoint.is_none() {
         return rbac::RbacDecision {
             allowed: false,
             policy: None,
@@ -246,19 +243,12 @@ fn authorize_tcp(
             reason: "waypoint not configured".into(),
             warnings: Vec::new(),
         };
-    };
+    }
     let (service, port) = match target {
         Target::Service { service, port } => (Some(service.clone()), *port),
         Target::Workload { addr, .. } => (None, addr.port()),
     };
-    let wt = WaypointTarget {
-        waypoint_name: &wp.name,
-        waypoint_namespace: &wp.namespace,
-        service: service
-            .as_ref()
-            .map(|s| (s.namespace.as_str(), s.name.as_str())),
-    };
-    let (policies, _) = scope::waypoint_policies(&snap.policies, &snap.mesh_config, &wt);
+    let policies = snap.authorization_policies(&snap.scoped(service.as_deref()));
     let view = View {
         peer: down.peer.clone(),
         src_ip: down.src.ip(),

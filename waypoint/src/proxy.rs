@@ -20,10 +20,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use mesh_core::{Identity, workload::Service};
-use mesh_policy::{
-    rbac::{self, Ctx, HttpView, View},
-    scope::{self, WaypointTarget},
-};
+use mesh_policy::rbac::{self, Ctx, HttpView, View};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -268,16 +265,10 @@ impl Proxy {
             Target::Service { service, port } => (Some(service.clone()), *port),
             Target::Workload { addr, .. } => (None, addr.port()),
         };
-        let wt = WaypointTarget {
-            waypoint_name: &wp.name,
-            waypoint_namespace: &wp.namespace,
-            service: service
-                .as_ref()
-                .map(|s| (s.namespace.as_str(), s.name.as_str())),
-        };
+        let scoped = snap.scoped(service.as_deref());
 
         // ── authenticate ─────────────────────────────────────────────────────────────
-        let ras = scope::waypoint_request_authentications(&snap.policies, &snap.mesh_config, &wt);
+        let ras = snap.request_authentications(&scoped);
         let jwt = if ras.is_empty() {
             None
         } else {
@@ -325,7 +316,7 @@ impl Proxy {
                 );
             }
         };
-        let (policies, _) = scope::waypoint_policies(&snap.policies, &snap.mesh_config, &wt);
+        let policies = snap.authorization_policies(&scoped);
         // No policy applies: allowed, and nothing to build a view for (evaluating an empty
         // set decides exactly this, after copying every header into the view).
         if !policies.is_empty() {

@@ -29,7 +29,11 @@ use mesh_core::{
     Identity,
     workload::{Service, Workload},
 };
-use mesh_policy::{MeshConfig, PolicySet};
+use mesh_policy::{
+    MeshConfig, PolicySet,
+    model::{AuthorizationPolicy, RequestAuthentication},
+    scope::{self, WaypointTarget},
+};
 use serde::Serialize;
 
 use crate::{
@@ -130,6 +134,30 @@ pub struct Snapshot {
     pub generation: u64,
     by_name: HashMap<(String, String), Arc<Service>>,
     tables: HashMap<(String, String, u16), Arc<Vec<Entry>>>,
+    /// Which policies apply to each target (namespace → name; `""`/`""` for workload
+    /// addresses), found on the first request to it instead of on every request.
+    scoped: std::sync::Mutex<HashMap<String, HashMap<String, Arc<Scoped>>>>,
+}
+
+/// The policies that apply at this waypoint to one target, as indexes into the snapshot's
+/// [`PolicySet`] (in its order, which is the order the scope functions return).
+#[derive(Debug, Default)]
+pub struct Scoped {
+    authorization: Vec<usize>,
+    request_authentication: Vec<usize>,
+}
+
+/// The positions of `picked` (references into `all`) in `all`.
+fn positions<T>(all: &[T], picked: &[&T]) -> Vec<usize> {
+    let at: HashMap<*const T, usize> = all
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p as *const T, i))
+        .collect();
+    picked
+        .iter()
+        .filter_map(|p| at.get(&(*p as *const T)).copied())
+        .collect()
 }
 
 impl Snapshot {
@@ -200,6 +228,55 @@ impl Snapshot {
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
         self.by_name.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// The policies that apply at the waypoint to requests for `service` (`None`: a workload
+    /// address), computed once per snapshot and target.
+    pub fn scoped(&self, service: Option<&Service>) -> Arc<Scoped> {
+        let (ns, name) = service.map_or(("", ""), |s| (s.namespace.as_str(), s.name.as_str()));
+        let mut cache = self.scoped.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cache.get(ns).and_then(|m| m.get(name)) {
+            return s.clone();
+        }
+        let found = match &self.waypoint {
+            None => Scoped::default(),
+            Some(wp) => {
+                let wt = WaypointTarget {
+                    waypoint_name: &wp.name,
+                    waypoint_namespace: &wp.namespace,
+                    service: service.map(|_| (ns, name)),
+                };
+                let (authz, _) = scope::waypoint_policies(&self.policies, &self.mesh_config, &wt);
+                let ras =
+                    scope::waypoint_request_authentications(&self.policies, &self.mesh_config, &wt);
+                Scoped {
+                    authorization: positions(&self.policies.authorization_policies, &authz),
+                    request_authentication: positions(&self.policies.request_authentications, &ras),
+                }
+            }
+        };
+        let found = Arc::new(found);
+        cache
+            .entry(ns.to_string())
+            .or_default()
+            .insert(name.to_string(), found.clone());
+        found
+    }
+
+    /// The AuthorizationPolicies of a [`Scoped`] from this snapshot.
+    pub fn authorization_policies(&self, s: &Scoped) -> Vec<&AuthorizationPolicy> {
+        s.authorization
+            .iter()
+            .filter_map(|&i| self.policies.authorization_policies.get(i))
+            .collect()
+    }
+
+    /// The RequestAuthentications of a [`Scoped`] from this snapshot.
+    pub fn request_authentications(&self, s: &Scoped) -> Vec<&RequestAuthentication> {
+        s.request_authentication
+            .iter()
+            .filter_map(|&i| self.policies.request_authentications.get(i))
+            .collect()
     }
 
     /// The ordered route table of a Service port, if any route attaches to it.
@@ -456,6 +533,57 @@ objects:
             s.waypoint.unwrap().identity.to_string(),
             "spiffe://cluster.local/ns/default/sa/waypoint"
         );
+    }
+
+    #[test]
+    fn scoped_policies_are_those_the_scope_rules_pick_and_are_found_once() {
+        let file = r#"
+waypoint: {name: waypoint, namespace: default}
+services:
+- {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: [/10.96.0.1], ports: {80: 8080}}
+- {name: other, namespace: default, hostname: other.default.svc.cluster.local, vips: [/10.96.0.2], ports: {80: 8080}}
+objects:
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: on-echo, namespace: default}
+  spec:
+    targetRefs: [{group: "", kind: Service, name: echo}]
+    action: DENY
+    rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: on-waypoint, namespace: default}
+  spec:
+    targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+    action: ALLOW
+    rules: [{}]
+- apiVersion: security.istio.io/v1
+  kind: RequestAuthentication
+  metadata: {name: jwt-echo, namespace: default}
+  spec:
+    targetRefs: [{group: "", kind: Service, name: echo}]
+    jwtRules: [{issuer: "https://issuer.example"}]
+"#;
+        let s = parse("t.yaml", file).unwrap();
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        let names = |v: Vec<&AuthorizationPolicy>| v.iter().map(|p| p.key()).collect::<Vec<_>>();
+        let echo = s.service("default", "echo").unwrap().clone();
+        let other = s.service("default", "other").unwrap().clone();
+        let a = s.scoped(Some(&echo));
+        assert_eq!(
+            names(s.authorization_policies(&a)),
+            ["default/on-echo", "default/on-waypoint"]
+        );
+        assert_eq!(s.request_authentications(&a).len(), 1);
+        assert!(
+            Arc::ptr_eq(&a, &s.scoped(Some(&echo))),
+            "found again, not cached"
+        );
+        let b = s.scoped(Some(&other));
+        assert_eq!(names(s.authorization_policies(&b)), ["default/on-waypoint"]);
+        assert!(s.request_authentications(&b).is_empty());
+        let w = s.scoped(None);
+        assert_eq!(names(s.authorization_policies(&w)), ["default/on-waypoint"]);
     }
 
     #[test]
