@@ -26,46 +26,9 @@ use crate::{metrics::Record, state::Target};
 
 pub mod export;
 
-/// The generated OTLP messages and client (`proto/opentelemetry`, see `build.rs`); module
-/// paths mirror the proto packages so the generated cross-package references resolve.
-#[allow(clippy::all, clippy::pedantic, unreachable_pub, missing_docs)]
+/// The generated OTLP messages and client (`proto/opentelemetry`, built by `mesh-proto`).
 pub mod proto {
-    pub mod opentelemetry {
-        pub mod proto {
-            pub mod common {
-                pub mod v1 {
-                    include!(concat!(
-                        env!("OUT_DIR"),
-                        "/opentelemetry.proto.common.v1.rs"
-                    ));
-                }
-            }
-            pub mod resource {
-                pub mod v1 {
-                    include!(concat!(
-                        env!("OUT_DIR"),
-                        "/opentelemetry.proto.resource.v1.rs"
-                    ));
-                }
-            }
-            pub mod trace {
-                pub mod v1 {
-                    include!(concat!(env!("OUT_DIR"), "/opentelemetry.proto.trace.v1.rs"));
-                }
-            }
-            pub mod collector {
-                pub mod trace {
-                    pub mod v1 {
-                        include!(concat!(
-                            env!("OUT_DIR"),
-                            "/opentelemetry.proto.collector.trace.v1.rs"
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    pub use opentelemetry::proto::{
+    pub use mesh_proto::opentelemetry::proto::{
         collector::trace::v1 as collector, common::v1 as common, resource::v1 as resource,
         trace::v1 as trace,
     };

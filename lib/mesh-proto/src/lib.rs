@@ -46,6 +46,45 @@ pub mod mesh {
     }
 }
 
+/// The OTLP trace subset (`proto/opentelemetry`) the waypoint exports spans with, and the
+/// collector service its tests run.
+#[allow(clippy::all, clippy::pedantic, unreachable_pub, missing_docs)]
+pub mod opentelemetry {
+    pub mod proto {
+        pub mod common {
+            pub mod v1 {
+                include!(concat!(
+                    env!("OUT_DIR"),
+                    "/opentelemetry.proto.common.v1.rs"
+                ));
+            }
+        }
+        pub mod resource {
+            pub mod v1 {
+                include!(concat!(
+                    env!("OUT_DIR"),
+                    "/opentelemetry.proto.resource.v1.rs"
+                ));
+            }
+        }
+        pub mod trace {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/opentelemetry.proto.trace.v1.rs"));
+            }
+        }
+        pub mod collector {
+            pub mod trace {
+                pub mod v1 {
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/opentelemetry.proto.collector.trace.v1.rs"
+                    ));
+                }
+            }
+        }
+    }
+}
+
 /// xDS type URLs of the resources the mesh exchanges.
 pub mod type_url {
     pub const ADDRESS: &str = "type.googleapis.com/istio.workload.Address";
