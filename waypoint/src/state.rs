@@ -132,11 +132,22 @@ pub struct Snapshot {
     pub errors: Vec<String>,
     /// Unique per snapshot built (caches keyed on the snapshot use it).
     pub generation: u64,
-    by_name: HashMap<(String, String), Arc<Service>>,
-    tables: HashMap<(String, String, u16), Arc<Vec<Entry>>>,
+    /// namespace → name → the Service and its ports' route tables. Nested so that a lookup
+    /// by `&str` (one or two per request) allocates no key.
+    by_name: HashMap<String, HashMap<String, Named>>,
+    /// namespace → name → each port of the Kubernetes Service objects and its protocol, in
+    /// `service_ports` order.
+    port_protocols: HashMap<String, HashMap<String, Vec<(u16, PortProtocol)>>>,
     /// Which policies apply to each target (namespace → name; `""`/`""` for workload
     /// addresses), found on the first request to it instead of on every request.
     scoped: std::sync::Mutex<HashMap<String, HashMap<String, Arc<Scoped>>>>,
+}
+
+/// A Service by name, with the ordered route table of each port some route attaches to.
+#[derive(Debug)]
+struct Named {
+    service: Arc<Service>,
+    tables: HashMap<u16, Arc<Vec<Entry>>>,
 }
 
 /// The policies that apply at this waypoint to one target, as indexes into the snapshot's
@@ -193,6 +204,20 @@ impl Snapshot {
                 KubeObject::Service(p) => s.service_ports.push(p),
             }
         }
+        for p in &s.service_ports {
+            let list = s
+                .port_protocols
+                .entry(p.meta.namespace().to_string())
+                .or_default()
+                .entry(p.meta.name.clone())
+                .or_default();
+            for port in &p.spec.ports {
+                list.push((
+                    port.port,
+                    port_protocol(port.name.as_deref(), port.app_protocol.as_deref()),
+                ));
+            }
+        }
         let services: Vec<Arc<Service>> = s
             .mesh
             .dump()
@@ -206,6 +231,7 @@ impl Snapshot {
             .map(|w| w.namespace.clone())
             .unwrap_or_default();
         for svc in services {
+            let mut tables = HashMap::new();
             for &port in svc.ports.keys() {
                 let attached: Vec<Arc<CompiledRoute>> = s
                     .routes
@@ -214,20 +240,26 @@ impl Snapshot {
                     .cloned()
                     .collect();
                 if !attached.is_empty() {
-                    s.tables.insert(
-                        (svc.namespace.clone(), svc.name.clone(), port),
-                        Arc::new(route::order(&attached)),
-                    );
+                    tables.insert(port, Arc::new(route::order(&attached)));
                 }
             }
-            s.by_name
-                .insert((svc.namespace.clone(), svc.name.clone()), svc);
+            s.by_name.entry(svc.namespace.clone()).or_default().insert(
+                svc.name.clone(),
+                Named {
+                    service: svc,
+                    tables,
+                },
+            );
         }
         s
     }
 
+    fn named(&self, namespace: &str, name: &str) -> Option<&Named> {
+        self.by_name.get(namespace)?.get(name)
+    }
+
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
-        self.by_name.get(&(namespace.to_string(), name.to_string()))
+        self.named(namespace, name).map(|n| &n.service)
     }
 
     /// The policies that apply at the waypoint to requests for `service` (`None`: a workload
@@ -281,8 +313,9 @@ impl Snapshot {
 
     /// The ordered route table of a Service port, if any route attaches to it.
     pub fn route_table(&self, svc: &Service, port: u16) -> Option<Arc<Vec<Entry>>> {
-        self.tables
-            .get(&(svc.namespace.clone(), svc.name.clone(), port))
+        self.named(&svc.namespace, &svc.name)?
+            .tables
+            .get(&port)
             .cloned()
     }
 
@@ -303,13 +336,11 @@ impl Snapshot {
     }
 
     pub fn protocol(&self, svc: &Service, port: u16) -> PortProtocol {
-        self.service_ports
-            .iter()
-            .filter(|p| p.meta.name == svc.name && p.meta.namespace() == svc.namespace)
-            .flat_map(|p| p.spec.ports.iter())
-            .find(|p| p.port == port)
-            .map(|p| port_protocol(p.name.as_deref(), p.app_protocol.as_deref()))
-            .unwrap_or(PortProtocol::Detect)
+        self.port_protocols
+            .get(&svc.namespace)
+            .and_then(|m| m.get(&svc.name))
+            .and_then(|ports| ports.iter().find(|(p, _)| *p == port))
+            .map_or(PortProtocol::Detect, |(_, proto)| *proto)
     }
 
     /// The protocol of a workload-addressed port: that of a Service port of the workload
@@ -326,10 +357,12 @@ impl Snapshot {
             })
             .filter_map(|(key, sp)| {
                 let (ns, host) = key.split_once('/')?;
-                let svc = self
+                let svc = &self
                     .by_name
+                    .get(ns)?
                     .values()
-                    .find(|s| s.namespace == ns && s.hostname == host)?;
+                    .find(|n| n.service.hostname == host)?
+                    .service;
                 Some(self.protocol(svc, sp))
             })
             .find(|p| *p != PortProtocol::Detect)
