@@ -37,8 +37,14 @@ fn label_or_unknown(v: &str) -> Label {
 /// A group of labels built once and shared (the same for every request of a downstream
 /// connection while the workload or service it comes from stays the same). Encodes as its
 /// own labels, in place.
-#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+#[derive(Debug, Hash, PartialEq, Eq)]
 pub struct Group<T>(pub Arc<T>);
+
+impl<T> Clone for Group<T> {
+    fn clone(&self) -> Self {
+        Group(self.0.clone())
+    }
+}
 
 impl<T> std::ops::Deref for Group<T> {
     type Target = T;
@@ -192,6 +198,22 @@ struct CacheInner {
     series: Option<(RequestLabels, Series)>,
 }
 
+/// The group in `slot` if it was built from this very entry, else a new one, kept there.
+fn cached<K, T>(
+    slot: &mut Option<(Arc<K>, Group<T>)>,
+    key: &Arc<K>,
+    build: impl FnOnce(&K) -> T,
+) -> Group<T> {
+    if let Some((k, g)) = slot
+        && Arc::ptr_eq(k, key)
+    {
+        return g.clone();
+    }
+    let g = Group(Arc::new(build(key)));
+    *slot = Some((key.clone(), g.clone()));
+    g
+}
+
 impl LabelCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -216,27 +238,11 @@ impl LabelCache {
     }
 
     pub fn service(&self, s: &Arc<Service>) -> Group<ServiceLabels> {
-        let mut c = self.lock();
-        if let Some((k, g)) = &c.svc
-            && Arc::ptr_eq(k, s)
-        {
-            return g.clone();
-        }
-        let g = Group(Arc::new(ServiceLabels::new(s)));
-        c.svc = Some((s.clone(), g.clone()));
-        g
+        cached(&mut self.lock().svc, s, ServiceLabels::new)
     }
 
     pub fn destination(&self, w: &Arc<Workload>) -> Group<DestinationLabels> {
-        let mut c = self.lock();
-        if let Some((k, g)) = &c.dst
-            && Arc::ptr_eq(k, w)
-        {
-            return g.clone();
-        }
-        let g = Group(Arc::new(DestinationLabels::new(w)));
-        c.dst = Some((w.clone(), g.clone()));
-        g
+        cached(&mut self.lock().dst, w, DestinationLabels::new)
     }
 
     /// Runs `f` on the series of `l`, from the last label set if it is the same.
