@@ -187,7 +187,6 @@ pub async fn build(cfg: Config, log: Option<LogHandle>) -> anyhow::Result<Bound>
         metrics,
         limiter: Limiter::default(),
         jwks: mesh_jwt::JwksStore::default(),
-        authenticators: Default::default(),
         tracing: tracer
             .as_ref()
             .zip(cfg.tracing.as_ref())

@@ -10,7 +10,6 @@
 //! ```
 
 use std::{
-    collections::HashMap,
     sync::{Arc, atomic::AtomicU64},
     time::Duration,
 };
@@ -52,8 +51,6 @@ pub struct Proxy {
     pub limiter: Limiter,
     /// One JWKS cache for the process, so fetched keys survive configuration changes.
     pub jwks: mesh_jwt::JwksStore,
-    /// Authenticators of the snapshot in force, by the RequestAuthentications they cover.
-    pub authenticators: std::sync::Mutex<(u64, HashMap<String, Arc<mesh_jwt::Authenticator>>)>,
     /// Span export; `None` when TRACING_OTLP_ENDPOINT is unset.
     pub tracing: Option<crate::trace::Tracing>,
 }
@@ -127,36 +124,6 @@ fn labels(snap: &Snapshot, down: &Downstream, target: Option<&Target>) -> Reques
 }
 
 impl Proxy {
-    /// The authenticator for these RequestAuthentications, built once per snapshot.
-    fn authenticator(
-        &self,
-        snap: &Snapshot,
-        ras: &[&mesh_policy::model::RequestAuthentication],
-    ) -> Result<Arc<mesh_jwt::Authenticator>, String> {
-        let key = ras.iter().map(|r| r.key()).collect::<Vec<_>>().join(",");
-        let id = snap.generation;
-        let mut cache = self
-            .authenticators
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if cache.0 != id {
-            *cache = (id, HashMap::new());
-        }
-        if let Some(a) = cache.1.get(&key) {
-            return Ok(a.clone());
-        }
-        let opts = mesh_jwt::Options {
-            jwks: self.jwks.clone(),
-            ..Default::default()
-        };
-        let a = Arc::new(
-            mesh_jwt::Authenticator::with_options(ras.iter().copied(), opts)
-                .map_err(|e| e.to_string())?,
-        );
-        cache.1.insert(key, a.clone());
-        Ok(a)
-    }
-
     /// Serves one request through every phase.
     pub async fn handle(
         self: Arc<Self>,
@@ -272,7 +239,7 @@ impl Proxy {
         let jwt = if ras.is_empty() {
             None
         } else {
-            let authn = match self.authenticator(snap, &ras) {
+            let authn = match snap.authenticator(&scoped, &self.jwks) {
                 Ok(a) => a,
                 Err(e) => {
                     return local(

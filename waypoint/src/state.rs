@@ -22,7 +22,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, OnceLock, RwLock},
 };
 
 use mesh_core::{
@@ -116,8 +116,6 @@ pub enum Target {
     },
 }
 
-static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
 /// The configuration in force.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -130,8 +128,6 @@ pub struct Snapshot {
     pub service_ports: Vec<ServicePorts>,
     /// Objects that were skipped, with why (`Kind ns/name: field: reason`).
     pub errors: Vec<String>,
-    /// Unique per snapshot built (caches keyed on the snapshot use it).
-    pub generation: u64,
     /// namespace → name → the Service and its ports' route tables. Nested so that a lookup
     /// by `&str` (one or two per request) allocates no key.
     by_name: HashMap<String, HashMap<String, Named>>,
@@ -140,7 +136,7 @@ pub struct Snapshot {
     port_protocols: HashMap<String, HashMap<String, Vec<(u16, PortProtocol)>>>,
     /// Which policies apply to each target (namespace → name; `""`/`""` for workload
     /// addresses), found on the first request to it instead of on every request.
-    scoped: std::sync::Mutex<HashMap<String, HashMap<String, Arc<Scoped>>>>,
+    scoped: Mutex<HashMap<String, HashMap<String, Arc<Scoped>>>>,
 }
 
 /// A Service by name, with the ordered route table of each port some route attaches to.
@@ -156,6 +152,8 @@ struct Named {
 pub struct Scoped {
     authorization: Vec<usize>,
     request_authentication: Vec<usize>,
+    /// The JWT authenticator for `request_authentication`, built on first use.
+    authenticator: OnceLock<Result<Arc<mesh_jwt::Authenticator>, String>>,
 }
 
 /// The positions of `picked` (references into `all`) in `all`.
@@ -183,7 +181,6 @@ impl Snapshot {
             waypoint: Some(waypoint),
             mesh,
             errors,
-            generation: NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ..Default::default()
         };
         for o in objects {
@@ -284,6 +281,7 @@ impl Snapshot {
                 Scoped {
                     authorization: positions(&self.policies.authorization_policies, &authz),
                     request_authentication: positions(&self.policies.request_authentications, &ras),
+                    authenticator: OnceLock::new(),
                 }
             }
         };
@@ -301,6 +299,26 @@ impl Snapshot {
             .iter()
             .filter_map(|&i| self.policies.authorization_policies.get(i))
             .collect()
+    }
+
+    /// The JWT authenticator for a [`Scoped`]'s RequestAuthentications (keys from `jwks`),
+    /// built once per snapshot and target.
+    pub fn authenticator(
+        &self,
+        s: &Scoped,
+        jwks: &mesh_jwt::JwksStore,
+    ) -> Result<Arc<mesh_jwt::Authenticator>, String> {
+        s.authenticator
+            .get_or_init(|| {
+                let opts = mesh_jwt::Options {
+                    jwks: jwks.clone(),
+                    ..Default::default()
+                };
+                mesh_jwt::Authenticator::with_options(self.request_authentications(s), opts)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
     }
 
     /// The RequestAuthentications of a [`Scoped`] from this snapshot.
