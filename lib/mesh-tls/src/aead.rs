@@ -191,7 +191,7 @@ mod tests {
 
     use std::{sync::Arc, time::Duration};
 
-    use rustls::{ClientConnection, ServerConnection, pki_types::ServerName};
+    use rustls::{ClientConnection, ConnectionCommon, ServerConnection, pki_types::ServerName};
 
     use crate::{
         TrustPolicy,
@@ -200,31 +200,27 @@ mod tests {
         provider_for,
     };
 
+    /// Moves `from`'s pending records to `to`; whether there were any.
+    fn flush<A, B>(from: &mut ConnectionCommon<A>, to: &mut ConnectionCommon<B>) -> bool {
+        let mut moved = false;
+        while from.wants_write() {
+            let mut buf = Vec::new();
+            from.write_tls(&mut buf).unwrap();
+            let mut r = buf.as_slice();
+            while !r.is_empty() {
+                to.read_tls(&mut r).unwrap();
+                to.process_new_packets().unwrap();
+            }
+            moved = true;
+        }
+        moved
+    }
+
     /// Moves every pending record from one side to the other until neither has more.
     fn pump(c: &mut ClientConnection, s: &mut ServerConnection) {
         for _ in 0..64 {
-            let mut moved = false;
-            while c.wants_write() {
-                let mut buf = Vec::new();
-                c.write_tls(&mut buf).unwrap();
-                let mut r = buf.as_slice();
-                while !r.is_empty() {
-                    s.read_tls(&mut r).unwrap();
-                    s.process_new_packets().unwrap();
-                }
-                moved = true;
-            }
-            while s.wants_write() {
-                let mut buf = Vec::new();
-                s.write_tls(&mut buf).unwrap();
-                let mut r = buf.as_slice();
-                while !r.is_empty() {
-                    c.read_tls(&mut r).unwrap();
-                    c.process_new_packets().unwrap();
-                }
-                moved = true;
-            }
-            if !moved {
+            let to_server = flush(c, s);
+            if !(flush(s, c) || to_server) {
                 return;
             }
         }
